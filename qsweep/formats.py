@@ -1,0 +1,182 @@
+"""Precision formats: how a weight tensor is stored, simulated in fp32 ("fake quantization").
+
+Each format is a small frozen dataclass registered under a unique name. A format knows
+  * how to fake-quantize a tensor (quantize, then dequantize back to fp32), and
+  * what storing a tensor costs, in two accountings:
+      - ``seed_bytes``: the seed project's convention, numel x bits / 8, no scales;
+      - ``packed_bytes``: the real cost, low-bit codes packed densely plus the scales at their stored dtype.
+
+Integer formats are symmetric (no zero point): ``scale = max|w| / qmax`` with ``qmax = 2**(bits-1) - 1`` and codes
+clamped to ``[-2**(bits-1), qmax]``, exactly the seed's INT8 (qmax 127) and INT4 (qmax 7) definitions.
+Granularities (where the scale is shared):
+  * ``tensor``:  one scale for the whole tensor (the seed's INT8);
+  * ``channel``: one scale per output channel (``channel_dim`` of the parameter: dim 1 for GPT-2's Conv1D
+    ``[in, out]``, dim 0 for ``nn.Linear`` ``[out, in]`` and embeddings);
+  * ``flat``:    the tensor flattened in memory order, groups of ``group_size`` consecutive values (the seed's INT4);
+  * ``group``:   per output channel, groups of ``group_size`` along the input dimension (GPTQ/AWQ style).
+1-D tensors (biases, LayerNorm) have no channel axis: ``channel`` falls back to ``tensor`` and ``group`` to ``flat``.
+A ragged last group is padded with zeros, which changes neither its max nor its codes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "FORMATS",
+    "FloatFormat",
+    "Format",
+    "IntFormat",
+    "get_format",
+    "register_format",
+]
+
+
+@dataclass(frozen=True)
+class Format:
+    """Base class: a named storage precision."""
+
+    name: str
+    bits: int
+
+    def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+        """Return ``w`` stored in this format and read back, as fp32 with ``w``'s shape."""
+        raise NotImplementedError
+
+    def seed_bytes(self, numel: int) -> int:
+        """Bytes under the seed's accounting: numel x bits / 8, scales not counted (rounded up per tensor)."""
+        return math.ceil(numel * self.bits / 8)
+
+    def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        """Bytes actually needed to store a tensor of ``shape``: packed codes plus scales."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class FloatFormat(Format):
+    """An IEEE/bfloat storage dtype: round to ``dtype`` and back (fp32 is the identity)."""
+
+    dtype: torch.dtype = torch.float32
+
+    def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return w.to(torch.float32)
+        return w.to(self.dtype).to(torch.float32)
+
+    def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        return self.seed_bytes(math.prod(shape))
+
+
+GRANULARITIES = ("tensor", "channel", "flat", "group")
+
+
+@dataclass(frozen=True)
+class IntFormat(Format):
+    """Symmetric round-to-nearest integer quantization with shared scales (see module docstring)."""
+
+    granularity: str = "tensor"
+    group_size: int = 0
+    scale_bytes: int = 2  # scales are stored as fp16 in the packed accounting
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity {self.granularity!r} is not one of {GRANULARITIES}")
+        if self.granularity in ("flat", "group") and self.group_size <= 0:
+            raise ValueError(f"format {self.name!r}: granularity {self.granularity!r} needs group_size > 0")
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"format {self.name!r}: bits must be in [2, 8], got {self.bits}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def _effective(self, ndim: int, channel_dim: int | None) -> str:
+        if self.granularity in ("channel", "group") and (ndim < 2 or channel_dim is None):
+            return "tensor" if self.granularity == "channel" else "flat"
+        return self.granularity
+
+    def _quant_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize each row of a 2-D tensor ``[n_groups, group]`` with its own scale."""
+        amax = rows.abs().amax(dim=1, keepdim=True)
+        scale = amax / self.qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: codes are 0 anyway
+        q = torch.round(rows / scale).clamp_(-self.qmax - 1, self.qmax)
+        return q * scale
+
+    def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+        w = w.to(torch.float32)
+        gran = self._effective(w.ndim, channel_dim)
+        if gran == "tensor":
+            return self._quant_rows(w.reshape(1, -1)).reshape(w.shape)
+        if gran == "flat":
+            flat = w.reshape(-1)
+            pad = (-flat.numel()) % self.group_size
+            rows = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.group_size)
+            return self._quant_rows(rows).reshape(-1)[: flat.numel()].reshape(w.shape)
+        # channel / group: move the output channel to dim 0, the reduction axis is everything else
+        moved = w.movedim(channel_dim, 0)
+        rows = moved.reshape(moved.shape[0], -1)
+        if gran == "channel":
+            out = self._quant_rows(rows)
+        else:
+            n_out, n_in = rows.shape
+            pad = (-n_in) % self.group_size
+            grouped = torch.nn.functional.pad(rows, (0, pad)).reshape(-1, self.group_size)
+            out = self._quant_rows(grouped).reshape(n_out, n_in + pad)[:, :n_in]
+        return out.reshape(moved.shape).movedim(0, channel_dim).contiguous()
+
+    def n_scales(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        """Number of scales stored for a tensor of ``shape``."""
+        numel = math.prod(shape)
+        gran = self._effective(len(shape), channel_dim)
+        if gran == "tensor":
+            return 1
+        if gran == "flat":
+            return math.ceil(numel / self.group_size)
+        n_out = shape[channel_dim]
+        if gran == "channel":
+            return n_out
+        return n_out * math.ceil(numel // n_out / self.group_size)
+
+    def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        return self.seed_bytes(math.prod(shape)) + self.n_scales(shape, channel_dim) * self.scale_bytes
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register_format(fmt: Format) -> Format:
+    """Add ``fmt`` to the registry; a name registered twice is an error."""
+    if fmt.name in FORMATS:
+        raise ValueError(f"format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> Format:
+    """Look a format up by exact name; unknown names raise with the valid names and the closest matches."""
+    try:
+        return FORMATS[name]
+    except (KeyError, TypeError):
+        close = difflib.get_close_matches(str(name), FORMATS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"unknown format {name!r}{hint}; valid formats: {', '.join(FORMATS)}") from None
+
+
+register_format(FloatFormat("fp32", 32, torch.float32))
+register_format(FloatFormat("fp16", 16, torch.float16))
+register_format(FloatFormat("bf16", 16, torch.bfloat16))
+# The seed's definitions keep the short names: int8 is per-tensor, int4/int3/int2 are flattened groups of 128.
+register_format(IntFormat("int8", 8, "tensor"))
+register_format(IntFormat("int8_channel", 8, "channel"))
+for _bits in (8, 4, 3, 2):
+    if _bits != 8:
+        register_format(IntFormat(f"int{_bits}", _bits, "flat", 128))
+        register_format(IntFormat(f"int{_bits}_channel", _bits, "channel"))
+    for _g in (128, 64, 32):
+        register_format(IntFormat(f"int{_bits}_g{_g}", _bits, "group", _g))
+del _bits, _g

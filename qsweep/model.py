@@ -1,0 +1,122 @@
+"""Loading a causal LM (Hugging Face hub id or local directory) and its unit table.
+
+The model config (conf/model/*.yaml) names the model (``name``: hub id, or ``path``: local directory, which wins)
+and holds the unit grouping rules per granularity (``units: {component: [...], linear: [...], block: [...]}``),
+selected by ``granularity``. ``trust_remote_code`` is never passed unless the config sets it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qsweep.units import UnitTable, discover_units
+
+__all__ = [
+    "ModelLoadError",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "meta_model",
+    "model_source",
+    "unit_rules",
+    "unit_table",
+]
+
+
+class ModelLoadError(RuntimeError):
+    """The model, its config or its tokenizer cannot be loaded; the message says what to pass instead."""
+
+
+def model_source(cfg: Mapping) -> str:
+    """The local directory (``path``) if set, else the hub id (``name``)."""
+    path, name = cfg.get("path"), cfg.get("name")
+    if path:
+        p = Path(str(path)).expanduser()
+        if not p.is_dir():
+            raise ModelLoadError(
+                f"model.path={path!r} is not a directory (expected a Hugging Face model directory)"
+            )
+        return str(p)
+    if not name:
+        raise ModelLoadError(
+            "the model config sets neither model.path (local directory) nor model.name (hub id)"
+        )
+    return str(name)
+
+
+def _load_kwargs(cfg: Mapping) -> dict:
+    kwargs = {"trust_remote_code": bool(cfg.get("trust_remote_code", False))}
+    if cfg.get("revision"):
+        kwargs["revision"] = cfg["revision"]
+    return kwargs
+
+
+def _offline_hint(source: str, what: str, err: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"cannot load the {what} of {source!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+        f"if the Hugging Face hub is out of reach, pass a local copy with model.path=DIR "
+        f"or use the bundled offline model (model=tiny data=tiny)"
+    )
+
+
+def load_model_config(cfg: Mapping):
+    from transformers import AutoConfig
+
+    source = model_source(cfg)
+    try:
+        return AutoConfig.from_pretrained(source, **_load_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _offline_hint(source, "config", e) from None
+
+
+def meta_model(config) -> nn.Module:
+    """Build the model on the meta device from its config: shapes only, no weights, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(cfg: Mapping, device: str | torch.device = "cpu") -> nn.Module:
+    """Load the weights in fp32 (the reference precision that plans are simulated from), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = model_source(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **_load_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _offline_hint(source, "weights", e) from None
+    return model.to(device).eval()
+
+
+def load_tokenizer(cfg: Mapping):
+    from transformers import AutoTokenizer
+
+    source = model_source(cfg)
+    try:
+        return AutoTokenizer.from_pretrained(source, **_load_kwargs(cfg))
+    except (OSError, ValueError) as e:
+        raise _offline_hint(source, "tokenizer", e) from None
+
+
+def unit_rules(cfg: Mapping) -> Sequence[Mapping]:
+    """The grouping rules of the configured granularity; unknown granularities list the valid ones."""
+    units = cfg.get("units") or {}
+    gran = cfg.get("granularity")
+    if gran not in units:
+        close = difflib.get_close_matches(str(gran), list(units), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ValueError(
+            f"unknown model.granularity {gran!r}{hint}; valid: {', '.join(units) or 'none defined'}"
+        )
+    return units[gran]
+
+
+def unit_table(model: nn.Module, cfg: Mapping) -> UnitTable:
+    """Discover the units of ``model`` with the rules of ``cfg`` (the model config)."""
+    return discover_units(model, unit_rules(cfg))
