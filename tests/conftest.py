@@ -63,3 +63,43 @@ def gpt2_small_table():
     from transformers import GPT2Config
 
     return unit_table(meta_model(GPT2Config()), model_cfg("gpt2"))
+
+
+def _corpus_docs() -> list[str]:
+    """Deterministic English-ish text from the running Python (pydoc topics), for tokenizer and split files."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+def train_tiny_tokenizer(vocab_size: int = 300):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus_docs()[:40], vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                            special_tokens=["<|endoftext|>"])  # fmt: skip
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """A saved tiny 12-block GPT-2 (random init) with its own tokenizer, and a corpus directory of <split>.txt files."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    root = tmp_path_factory.mktemp("tiny")
+    tok = train_tiny_tokenizer()
+    torch.manual_seed(0)
+    # 12 blocks, as GPT-2 small and the bundled model: the seed's named plans apply unchanged
+    conf = GPT2Config(n_layer=12, n_embd=32, n_head=2, vocab_size=len(tok), n_positions=64,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = GPT2LMHeadModel(conf)
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    docs = _corpus_docs()
+    data = root / "data"
+    data.mkdir()
+    (data / "validation.txt").write_text("\n\n".join(docs[40:43]))
+    (data / "test.txt").write_text("\n\n".join(docs[43:46]))
+    return root / "model", data

@@ -1,0 +1,93 @@
+"""Config schemas (dataclasses registered in Hydra's ConfigStore): typed fields, unknown keys are errors.
+
+conf/config.yaml lists ``qsweep_schema`` first in its defaults, so every group file (conf/model/*.yaml, ...) is
+merged into these typed nodes and a misspelt key fails at composition with Hydra's message naming it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+__all__ = [
+    "BaselineConfig",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "PlanConfig",
+    "register_configs",
+]
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = None  # hub id
+    path: str | None = None  # local directory (wins over name)
+    revision: str | None = None
+    trust_remote_code: bool = False
+    granularity: str = "component"
+    units: dict[str, list[dict[str, str]]] = MISSING
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    source: str = "hf"  # hf | text | bundled
+    path: str | None = None  # a local UTF-8 file or a directory of <split>.txt files (wins over source)
+    dataset: str | None = None
+    subset: str | None = None
+    text_field: str = "text"
+    joiner: str = "\n\n"
+    cache_dir: str = "~/.cache/qsweep"
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    context: int | None = None  # null: the model's maximum (n_positions / max_position_embeddings)
+    stride: int | None = None  # null: = context (non-overlapping windows)
+    max_tokens: int | None = None  # null: the whole split
+    search_split: str = "validation"
+    report_split: str = "test"
+    batch_size: int = 8
+    logits_chunk: int = 4096
+    dtype: str = "fp32"  # fp32 (exact) | bf16 | fp16
+    device: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class PlanConfig:
+    version: int = 1
+    default: str | None = None
+    rules: list[dict[str, str]] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class BaselineConfig:
+    plan: str = "fp16"  # a plan name from conf/plan/
+    perplexity: float | None = None  # pin it (the seed: 28.4805); null: measured on the same protocol
+    size_bytes: int | None = None  # pin it (the seed: 248900000); null: computed from the plan
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    eval: EvalConfig = MISSING
+    plan: PlanConfig = MISSING
+    plan_file: str | None = None
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    penalty: float = 10.0
+    split: str | None = None  # the split a single-plan evaluation uses; null: eval.report_split
+    search: Any = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="qsweep_schema", node=Config)

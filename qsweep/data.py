@@ -1,0 +1,130 @@
+"""Corpora -> token ids, cached on disk by (tokenizer, corpus content, split).
+
+Sources (``data.source``; a set ``data.path`` always wins and means a local text corpus):
+  * ``hf``: a Hugging Face dataset through ``datasets`` (WikiText-2 by default); a split's rows are joined with
+    ``data.joiner`` ("\\n\\n", as the HF perplexity guide does).
+  * ``text``: ``data.path`` is a UTF-8 file (used for every split) or a directory of ``<split>.txt`` files.
+  * ``bundled``: the project's offline corpus, built from the running Python's standard library
+    (:mod:`qsweep.corpus`).
+
+Token ids are stored as safetensors under ``data.cache_dir/tokens/<key>.safetensors``, where the key hashes the
+tokenizer's full definition, the corpus text and the split; a study tokenizes each split once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
+
+log = logging.getLogger(__name__)
+SOURCES = ("hf", "text", "bundled")
+
+
+class DataLoadError(RuntimeError):
+    """A corpus cannot be read; the message says what to pass instead."""
+
+
+def _hf_text(cfg: Mapping, split: str) -> str:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise DataLoadError(f"the `datasets` package is needed for data.source=hf ({e})") from None
+    name, subset = cfg.get("dataset"), cfg.get("subset")
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except (
+        Exception
+    ) as e:  # datasets raises many types offline (ConnectionError, OSError, DatasetNotFoundError...)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataLoadError(
+            f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({type(e).__name__}: "
+            f"{first}); offline, pass a local UTF-8 text file with data.path=FILE (or a directory of "
+            f"<split>.txt files), or use the bundled corpus (data=tiny)"
+        ) from None
+    field = cfg.get("text_field", "text")
+    return str(cfg.get("joiner", "\n\n")).join(ds[field])
+
+
+def _file_text(path: Path, split: str) -> str:
+    if path.is_dir():
+        f = path / f"{split}.txt"
+        if not f.is_file():
+            have = sorted(p.stem for p in path.glob("*.txt"))
+            raise DataLoadError(
+                f"data.path={str(path)!r} has no {split}.txt (splits found: {', '.join(have) or 'none'})"
+            )
+        return f.read_text(encoding="utf-8")
+    if not path.is_file():
+        raise DataLoadError(
+            f"data.path={str(path)!r} is neither a text file nor a directory of <split>.txt files"
+        )
+    log.warning("data.path=%s is one file: every split (search and report) reads the same text", path)
+    return path.read_text(encoding="utf-8")
+
+
+def corpus_text(cfg: Mapping, split: str) -> str:
+    """The raw text of ``split`` of the corpus described by the data config ``cfg``."""
+    if cfg.get("path"):
+        return _file_text(Path(str(cfg["path"])).expanduser(), split)
+    source = cfg.get("source")
+    if source == "hf":
+        return _hf_text(cfg, split)
+    if source == "bundled":
+        from qsweep.corpus import bundled_split_text
+
+        return bundled_split_text(split)
+    if source == "text":
+        raise DataLoadError("data.source=text needs data.path=FILE (or a directory of <split>.txt files)")
+    raise DataLoadError(f"unknown data.source {source!r}; valid: {', '.join(SOURCES)}")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: class, vocabulary, merges, normalizer, special tokens."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # slow tokenizers: the vocabulary is the best stable description we have
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr(getattr(tokenizer, "add_bos_token", None)).encode())
+    return h.hexdigest()
+
+
+def cache_path(cache_dir: str | Path, tokenizer, text: str, split: str) -> Path:
+    key = hashlib.sha256(
+        "\0".join(
+            [tokenizer_fingerprint(tokenizer), hashlib.sha256(text.encode()).hexdigest(), split]
+        ).encode()
+    ).hexdigest()[:32]
+    return Path(cache_dir).expanduser() / "tokens" / f"{key}.safetensors"
+
+
+def _tokenize(tokenizer, text: str) -> torch.Tensor:
+    # verbose=False: the whole split is one sequence, longer than model_max_length by design (we window it).
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def load_token_ids(cfg: Mapping, split: str, tokenizer) -> torch.Tensor:
+    """Token ids of ``split`` as a 1-D int64 tensor, from the on-disk cache when present."""
+    text = corpus_text(cfg, split)
+    if not text.strip():
+        raise DataLoadError(f"split {split!r} of the corpus is empty")
+    path = cache_path(cfg.get("cache_dir") or "~/.cache/qsweep", tokenizer, text, split)
+    if path.is_file():
+        return load_file(path)["ids"]
+    ids = _tokenize(tokenizer, text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"ids": ids}, tmp, metadata={"split": split, "n_tokens": str(ids.numel())})
+    os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
+    return ids

@@ -1,0 +1,199 @@
+"""Perplexity with sliding windows: exactly the HF guide's protocol, batched and memory-light.
+
+Protocol (``sliding_windows``): for begin in 0, stride, 2*stride, ...: ``end = min(begin + context, N)``; the window
+is ``ids[begin:end]``; the tokens scored are the last ``end - prev_end`` targets of the window after the
+one-position label shift (all ``len - 1`` of them when that count is larger); ``prev_end = end``; stop once
+``end == N``. So with ``stride == context`` the first token of every window is unscored, and with ``stride < context``
+every token after the first is scored exactly once with at least ``context - stride`` tokens of context.
+Perplexity = exp(sum of NLL over scored tokens / number of scored tokens), accumulated in float64.
+
+Speed (``Evaluator``): windows of equal length are batched; the base model runs once per batch under inference
+mode (SDPA attention); only the hidden states of scored positions are gathered and pushed through the lm_head and
+cross-entropy in row chunks, so the full ``[batch, T, vocab]`` logits never exist. ``dtype`` selects fp32 (exact,
+default) or bf16/fp16 autocast (GPU); ``compile`` wraps the base model in ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["COMPUTE_DTYPES", "EvalResult", "Evaluator", "Window", "resolve_device", "sliding_windows"]
+
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Window:
+    begin: int
+    end: int
+    n_scored: int  # the last n_scored targets of ids[begin:end] (after the label shift) are scored
+
+
+def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
+    """The HF guide's windows over ``n_tokens`` ids (see module docstring)."""
+    if context < 2:
+        raise ValueError(f"eval.context must be >= 2, got {context}")
+    if not 1 <= stride <= context:
+        raise ValueError(f"eval.stride must be in [1, context={context}], got {stride}")
+    if n_tokens < 2:
+        raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        n_scored = min(end - prev_end, end - begin - 1)
+        if n_scored > 0:
+            windows.append(Window(begin, end, n_scored))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+@dataclass
+class EvalResult:
+    """NLL over the scored tokens, per window too (for paired confidence intervals), or the reason it failed."""
+
+    nll_sum: float
+    n_tokens: int
+    window_nll: torch.Tensor  # [n_windows] float64, NLL summed per window
+    window_tokens: torch.Tensor  # [n_windows] int64, scored tokens per window
+    seconds: float
+    error: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def perplexity(self) -> float | None:
+        if not self.ok:
+            return None
+        return math.exp(self.nll_sum / self.n_tokens)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class _Batch:
+    inputs: torch.Tensor  # [B, T] token ids
+    positions: torch.Tensor  # [M] flat indices into the [B, T-1] prediction grid of the scored positions
+    targets: torch.Tensor  # [M] the token each scored position predicts
+    window_ids: torch.Tensor  # [M] which window (global index) each scored token belongs to
+    first_window: int
+
+
+class Evaluator:
+    """Scores a model on fixed token ids with a fixed window protocol; build once, call for every plan."""
+
+    def __init__(
+        self,
+        ids: torch.Tensor,
+        context: int,
+        stride: int,
+        *,
+        batch_size: int = 8,
+        dtype: str = "fp32",
+        logits_chunk: int = 4096,
+        device: str | torch.device | None = "auto",
+        compile: bool = False,
+    ):
+        if dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+        if batch_size < 1 or logits_chunk < 1:
+            raise ValueError(
+                f"eval.batch_size and eval.logits_chunk must be >= 1, got {batch_size}, {logits_chunk}"
+            )
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.dtype = dtype
+        self.compile = compile
+        self.logits_chunk = logits_chunk
+        ids = ids.reshape(-1).to(torch.int64)
+        self.windows = sliding_windows(ids.numel(), context, stride)
+        self.window_tokens = torch.tensor([w.n_scored for w in self.windows], dtype=torch.int64)
+        self.n_tokens = int(self.window_tokens.sum())
+        self._batches = self._make_batches(ids.to(self.device), batch_size)
+        self._compiled: dict[int, nn.Module] = {}
+
+    def _make_batches(self, ids: torch.Tensor, batch_size: int) -> list[_Batch]:
+        batches: list[_Batch] = []
+        i = 0
+        while i < len(self.windows):
+            length = self.windows[i].end - self.windows[i].begin
+            j = i
+            while (
+                j < len(self.windows)
+                and j - i < batch_size
+                and self.windows[j].end - self.windows[j].begin == length
+            ):
+                j += 1
+            group = self.windows[i:j]
+            inputs = torch.stack([ids[w.begin : w.end] for w in group])  # [B, T]
+            # position t predicts token t + 1; the scored positions of a window are its last n_scored ones
+            cols = [torch.arange(length - 1 - w.n_scored, length - 1, device=ids.device) for w in group]
+            positions = torch.cat([b * (length - 1) + c for b, c in enumerate(cols)])
+            targets = inputs[:, 1:].reshape(-1).index_select(0, positions)
+            window_ids = torch.cat(
+                [
+                    torch.full((w.n_scored,), i + b, dtype=torch.int64, device=ids.device)
+                    for b, w in enumerate(group)
+                ]
+            )
+            batches.append(_Batch(inputs, positions, targets, window_ids, i))
+            i = j
+        return batches
+
+    def _base(self, model: nn.Module) -> nn.Module:
+        base = model.base_model
+        if not self.compile:
+            return base
+        key = id(base)
+        if key not in self._compiled:
+            self._compiled[key] = torch.compile(base)
+        return self._compiled[key]
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module) -> EvalResult:
+        """Sum of NLL over the scored tokens of ``model`` (already on ``self.device``, weights in fp32)."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        base, head = self._base(model), model.get_output_embeddings()
+        window_nll = torch.zeros(len(self.windows), dtype=torch.float64, device=self.device)
+        autocast = torch.autocast(
+            self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=self.dtype != "fp32"
+        )
+        error = None
+        for batch in self._batches:
+            with autocast:
+                hidden = base(input_ids=batch.inputs).last_hidden_state  # [B, T, d]
+                hidden = (
+                    hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
+                )  # [M, d]
+                for k in range(0, hidden.shape[0], self.logits_chunk):
+                    logits = head(hidden[k : k + self.logits_chunk]).float()  # [chunk, vocab]
+                    nll = F.cross_entropy(logits, batch.targets[k : k + self.logits_chunk], reduction="none")
+                    window_nll.index_add_(0, batch.window_ids[k : k + self.logits_chunk], nll.double())
+            last = batch.first_window + batch.inputs.shape[0]
+            if not torch.isfinite(window_nll[batch.first_window : last]).all():
+                error = (
+                    f"non-finite loss in windows {batch.first_window}..{last - 1} (of {len(self.windows)})"
+                )
+                break
+        sync()
+        seconds = time.perf_counter() - start
+        window_nll = window_nll.cpu()
+        total = float(window_nll.sum())
+        if error is None and total / self.n_tokens > 700:  # exp() of more overflows a float64
+            error = f"perplexity overflows (mean NLL {total / self.n_tokens:.1f})"
+        return EvalResult(total, self.n_tokens, window_nll, self.window_tokens, seconds, error)

@@ -1,0 +1,188 @@
+"""An evaluation session: one loaded model, its unit table, cached quantized weights and per-split evaluators.
+
+Everything a trial needs and that should be paid once per process lives here: the fp32 model on its device, the
+:class:`~qsweep.apply.PlanApplier` (originals + per-(unit, format) cache), the token ids of each split (cached on
+disk) and an :class:`~qsweep.evaluate.Evaluator` per split, and the baseline's result per split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from qsweep.apply import PlanApplier
+from qsweep.data import load_token_ids
+from qsweep.evaluate import EvalResult, Evaluator, resolve_device
+from qsweep.metrics import compression, degradation, fitness, paired_degradation_ci
+from qsweep.model import load_model, load_tokenizer, unit_table
+from qsweep.paths import config_dir
+from qsweep.plan import Plan, PlanError, load_plan_file, plan_from_config
+from qsweep.size import bits_per_param, model_size_bytes, packed_size_bytes
+
+__all__ = ["EvalSession", "PlanScore", "named_plan_spec"]
+
+log = logging.getLogger(__name__)
+
+
+def named_plan_spec(name: str) -> dict:
+    """The plan spec of conf/plan/NAME.yaml; unknown names list the shipped ones."""
+    path = config_dir() / "plan" / f"{name}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise PlanError(f"unknown plan name {name!r}; shipped plans: {', '.join(have)}")
+    return yaml.safe_load(path.read_text())
+
+
+def _plain(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+@dataclass
+class PlanScore:
+    """One plan measured against the baseline on one split (the JSON line of the CLI contract)."""
+
+    plan: Plan
+    split: str
+    result: EvalResult
+    baseline_perplexity: float
+    model_size_bytes: int
+    packed_size_bytes: int
+    baseline_size_bytes: int
+    bit_histogram: dict[str, int]
+    bits_per_param: float
+    penalty: float
+    degradation_ci95: tuple[float, float] | None = None
+
+    @property
+    def perplexity(self) -> float | None:
+        return self.result.perplexity
+
+    @property
+    def compression(self) -> float:
+        return compression(self.baseline_size_bytes, self.model_size_bytes)
+
+    @property
+    def degradation(self) -> float | None:
+        return None if self.perplexity is None else degradation(self.perplexity, self.baseline_perplexity)
+
+    @property
+    def fitness(self) -> float | None:
+        d = self.degradation
+        return None if d is None else fitness(self.compression, d, self.penalty)
+
+    def to_dict(self) -> dict:
+        return {
+            "perplexity": self.perplexity,
+            "baseline_perplexity": self.baseline_perplexity,
+            "model_size_bytes": self.model_size_bytes,
+            "packed_size_bytes": self.packed_size_bytes,
+            "baseline_size_bytes": self.baseline_size_bytes,
+            "compression": self.compression,
+            "degradation": self.degradation,
+            "fitness": self.fitness,
+            "bit_histogram": self.bit_histogram,
+            "eval_tokens": self.result.n_tokens,
+            "eval_time_seconds": self.result.seconds,
+            "bits_per_param": self.bits_per_param,
+            "degradation_ci95": list(self.degradation_ci95) if self.degradation_ci95 else None,
+            "split": self.split,
+            "plan_digest": self.plan.digest(),
+            "error": self.result.error,
+        }
+
+
+class EvalSession:
+    """Loads once, then scores any number of plans on any split of the configured corpus and protocol."""
+
+    def __init__(self, cfg: DictConfig | Mapping):
+        self.cfg = cfg
+        self.model_cfg = _plain(cfg["model"])
+        self.data_cfg = _plain(cfg["data"])
+        self.eval_cfg = _plain(cfg["eval"])
+        self.device = resolve_device(self.eval_cfg.get("device"))
+        self.model = load_model(self.model_cfg, self.device)
+        self.tokenizer = load_tokenizer(self.model_cfg)
+        self.table = unit_table(self.model, self.model_cfg)
+        self.applier = PlanApplier(self.model, self.table)
+        self._evaluators: dict[str, Evaluator] = {}
+        self._baseline: dict[str, EvalResult] = {}
+        bcfg = _plain(cfg.get("baseline") or {})
+        self.baseline_plan = plan_from_config(
+            named_plan_spec(bcfg.get("plan", "fp16")), self.table, "baseline plan"
+        )
+        self.pinned_perplexity = bcfg.get("perplexity")
+        self.baseline_size_bytes = bcfg.get("size_bytes") or model_size_bytes(self.table, self.baseline_plan)
+        self.penalty = float(cfg.get("penalty", 10.0))
+
+    @property
+    def context(self) -> int:
+        ctx = self.eval_cfg.get("context")
+        if ctx:
+            return int(ctx)
+        conf = self.model.config
+        return int(getattr(conf, "n_positions", None) or conf.max_position_embeddings)
+
+    def evaluator(self, split: str) -> Evaluator:
+        if split not in self._evaluators:
+            ids = load_token_ids(self.data_cfg, split, self.tokenizer)
+            if self.eval_cfg.get("max_tokens"):
+                ids = ids[: int(self.eval_cfg["max_tokens"])]
+            e = self.eval_cfg
+            self._evaluators[split] = Evaluator(
+                ids,
+                self.context,
+                int(e.get("stride") or self.context),
+                batch_size=int(e.get("batch_size", 8)),
+                dtype=e.get("dtype", "fp32"),
+                logits_chunk=int(e.get("logits_chunk", 4096)),
+                device=self.device,
+                compile=bool(e.get("compile", False)),
+            )
+        return self._evaluators[split]
+
+    def resolve_plan(self, plan_cfg=None, plan_file: str | Path | None = None) -> Plan:
+        """The plan given by a file (wins) or an inline spec, resolved against this model's units."""
+        if plan_file:
+            return load_plan_file(plan_file, self.table)
+        return plan_from_config(_plain(plan_cfg), self.table)
+
+    def evaluate(self, plan: Plan, split: str) -> EvalResult:
+        self.applier.apply_(plan)
+        return self.evaluator(split).evaluate(self.model)
+
+    def baseline(self, split: str) -> EvalResult:
+        if split not in self._baseline:
+            self._baseline[split] = self.evaluate(self.baseline_plan, split)
+            if not self._baseline[split].ok:
+                raise RuntimeError(
+                    f"the baseline plan fails to evaluate on {split!r}: {self._baseline[split].error}"
+                )
+        return self._baseline[split]
+
+    def score(self, plan: Plan, split: str) -> PlanScore:
+        """Evaluate ``plan`` and the baseline on ``split``; degradation is paired on the same windows."""
+        if self.pinned_perplexity is not None:
+            base_ppl, ci = float(self.pinned_perplexity), None
+            result = self.evaluate(plan, split)
+        else:
+            base = self.baseline(split)
+            result = self.evaluate(plan, split)
+            base_ppl, ci = base.perplexity, paired_degradation_ci(result, base) if result.ok else None
+        return PlanScore(
+            plan=plan,
+            split=split,
+            result=result,
+            baseline_perplexity=base_ppl,
+            model_size_bytes=model_size_bytes(self.table, plan),
+            packed_size_bytes=packed_size_bytes(self.table, plan),
+            baseline_size_bytes=int(self.baseline_size_bytes),
+            bit_histogram=plan.histogram(self.table),
+            bits_per_param=bits_per_param(self.table, plan),
+            penalty=self.penalty,
+            degradation_ci95=ci,
+        )
