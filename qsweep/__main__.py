@@ -25,13 +25,16 @@ USER_ERRORS = (PlanError, ModelLoadError, DataLoadError, ValueError, FileNotFoun
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from qsweep.app import evaluate_one
+    from qsweep.search.study import run_search
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        row = evaluate_one(cfg, out_dir)
+        row = run_search(cfg, out_dir) if cfg.search is not None else evaluate_one(cfg, out_dir)
     except USER_ERRORS as e:
         print(f"qsweep: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
     print(json.dumps(row))
     if row.get("error"):
         sys.exit(1)

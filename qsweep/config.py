@@ -7,10 +7,11 @@ merged into these typed nodes and a misspelt key fails at composition with Hydra
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 __all__ = [
     "BaselineConfig",
@@ -76,18 +77,46 @@ class BaselineConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    name: str = MISSING
+    menu: list[dict[str, Any]] = (
+        MISSING  # [{pattern: regex over unit names, formats: [names]}], first match wins
+    )
+
+
+@dataclass
+class StorageConfig:
+    url: str | None = None  # null: SQLite file study.db in the run directory
+    heartbeat_interval: int | None = None  # RDB storages: seconds; stale trials of dead workers are retried
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     eval: EvalConfig = MISSING
     plan: PlanConfig = MISSING
     plan_file: str | None = None
+    precision: PrecisionConfig = MISSING
+    storage: StorageConfig = field(default_factory=StorageConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     penalty: float = 10.0
     split: str | None = None  # the split a single-plan evaluation uses; null: eval.report_split
-    search: Any = None
+    search: Any = None  # set by +search=NAME (conf/search/); validated by qsweep.search.study.SearchConfig
+
+
+def _asset_dir(name: str) -> str:
+    """``${qsweep_asset:tiny}``: the directory of a model bundled with the package (qsweep/assets/NAME)."""
+    path = Path(__file__).resolve().parent / "assets" / name
+    if not path.is_dir():
+        have = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
+        raise ValueError(f"no bundled asset {name!r}; bundled: {', '.join(have) or 'none'}")
+    return str(path)
 
 
 def register_configs() -> None:
+    """Register the schema and the ``qsweep_asset`` resolver (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="qsweep_schema", node=Config)
+    if not OmegaConf.has_resolver("qsweep_asset"):
+        OmegaConf.register_new_resolver("qsweep_asset", _asset_dir)

@@ -81,7 +81,7 @@ def corpus_text(cfg: Mapping, split: str) -> str:
     if source == "bundled":
         from qsweep.corpus import bundled_split_text
 
-        return bundled_split_text(split)
+        return bundled_split_text(split, cfg.get("cache_dir") or "~/.cache/qsweep")
     if source == "text":
         raise DataLoadError("data.source=text needs data.path=FILE (or a directory of <split>.txt files)")
     raise DataLoadError(f"unknown data.source {source!r}; valid: {', '.join(SOURCES)}")

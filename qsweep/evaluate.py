@@ -123,7 +123,7 @@ class Evaluator:
         self.window_tokens = torch.tensor([w.n_scored for w in self.windows], dtype=torch.int64)
         self.n_tokens = int(self.window_tokens.sum())
         self._batches = self._make_batches(ids.to(self.device), batch_size)
-        self._compiled: dict[int, nn.Module] = {}
+        self._compiled = None
 
     def _make_batches(self, ids: torch.Tensor, batch_size: int) -> list[_Batch]:
         batches: list[_Batch] = []
@@ -153,14 +153,11 @@ class Evaluator:
             i = j
         return batches
 
-    def _base(self, model: nn.Module) -> nn.Module:
-        base = model.base_model
-        if not self.compile:
-            return base
-        key = id(base)
-        if key not in self._compiled:
-            self._compiled[key] = torch.compile(base)
-        return self._compiled[key]
+    def _scorer(self):
+        """The per-batch scoring function, compiled once per evaluator when ``compile`` is set."""
+        if self._compiled is None:
+            self._compiled = torch.compile(_score_batch) if self.compile else _score_batch
+        return self._compiled
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module) -> EvalResult:
@@ -168,32 +165,49 @@ class Evaluator:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
-        base, head = self._base(model), model.get_output_embeddings()
+        base, head, score = model.base_model, model.get_output_embeddings(), self._scorer()
         window_nll = torch.zeros(len(self.windows), dtype=torch.float64, device=self.device)
         autocast = torch.autocast(
             self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=self.dtype != "fp32"
         )
-        error = None
-        for batch in self._batches:
+        for i, b in enumerate(self._batches):
             with autocast:
-                hidden = base(input_ids=batch.inputs).last_hidden_state  # [B, T, d]
-                hidden = (
-                    hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, batch.positions)
-                )  # [M, d]
-                for k in range(0, hidden.shape[0], self.logits_chunk):
-                    logits = head(hidden[k : k + self.logits_chunk]).float()  # [chunk, vocab]
-                    nll = F.cross_entropy(logits, batch.targets[k : k + self.logits_chunk], reduction="none")
-                    window_nll.index_add_(0, batch.window_ids[k : k + self.logits_chunk], nll.double())
-            last = batch.first_window + batch.inputs.shape[0]
-            if not torch.isfinite(window_nll[batch.first_window : last]).all():
-                error = (
-                    f"non-finite loss in windows {batch.first_window}..{last - 1} (of {len(self.windows)})"
-                )
+                nll = score(base, head, b.inputs, b.positions, b.targets, self.logits_chunk)  # [M] fp32
+            window_nll.index_add_(0, b.window_ids, nll.double())
+            # A failing plan (int2 everywhere, say) is usually non-finite from its first batch: stop early. Checked
+            # only every 8 batches, since each check makes the host wait for the GPU.
+            if i % 8 == 0 and not torch.isfinite(window_nll[b.first_window]):
                 break
         sync()
         seconds = time.perf_counter() - start
         window_nll = window_nll.cpu()
         total = float(window_nll.sum())
-        if error is None and total / self.n_tokens > 700:  # exp() of more overflows a float64
+        error = None
+        bad = (~torch.isfinite(window_nll)).nonzero()
+        if len(bad):
+            error = f"non-finite loss from window {int(bad[0])} of {len(self.windows)}"
+        elif total / self.n_tokens > 700:  # exp() of more overflows a float64
             error = f"perplexity overflows (mean NLL {total / self.n_tokens:.1f})"
         return EvalResult(total, self.n_tokens, window_nll, self.window_tokens, seconds, error)
+
+
+def _score_batch(
+    base: nn.Module,
+    head: nn.Module,
+    inputs: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """NLL of each scored token of a batch of windows: ``inputs`` [B, T] -> [M] (fp32).
+
+    Only the hidden states of the M scored positions reach the lm_head, ``chunk`` rows at a time, so at most
+    [chunk, vocab] logits exist at once.
+    """
+    hidden = base(input_ids=inputs).last_hidden_state  # [B, T, d]
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [M, d]
+    out = []
+    for k in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[k : k + chunk]).float()  # [chunk, vocab]
+        out.append(F.cross_entropy(logits, targets[k : k + chunk], reduction="none"))
+    return torch.cat(out)

@@ -171,7 +171,7 @@ class EvalSession:
             result = self.evaluate(plan, split)
         else:
             base = self.baseline(split)
-            result = self.evaluate(plan, split)
+            result = base if plan == self.baseline_plan else self.evaluate(plan, split)
             base_ppl, ci = base.perplexity, paired_degradation_ci(result, base) if result.ok else None
         return PlanScore(
             plan=plan,

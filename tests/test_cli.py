@@ -100,6 +100,6 @@ def test_unknown_config_key_is_rejected(tmp_path, tiny_dirs):
 
 
 def test_offline_hub_model_names_the_fix(tmp_path):
-    proc = run_qsweep("model.name=gpt2", "data=text", f"data.path={tmp_path}", tmp_path=tmp_path, check=False)
+    proc = run_qsweep("model=gpt2", "data=text", f"data.path={tmp_path}", tmp_path=tmp_path, check=False)
     assert proc.returncode == 2
     assert "pass a local copy with model.path=DIR" in proc.stderr.strip().splitlines()[-1]

@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-layer", type=int, default=12)
     ap.add_argument("--skip-seed-loop", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="also print the top kernels of one evaluation per dtype"
+    )
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -105,6 +108,20 @@ def main(argv: list[str] | None = None) -> None:
                            compile=comp)  # fmt: skip
             sec, res = _timed(lambda ev=ev: ev.evaluate(model), device, args.repeats)
             rows.append(("qsweep Evaluator", dtype, "yes" if comp else "no", sec, res.perplexity))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for dtype in args.dtypes.split(","):
+            ev = Evaluator(
+                ids, args.context, args.context, batch_size=args.batch_size, dtype=dtype, device=device
+            )
+            ev.evaluate(model)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                ev.evaluate(model)
+            sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+            print(
+                f"\n## profile: {dtype}\n{prof.key_averages().table(sort_by=sort, row_limit=14, max_name_column_width=60)}"
+            )
     print("| method | dtype | compile | seconds / evaluation | tokens / s | perplexity |")
     print("| --- | --- | --- | --- | --- | --- |")
     for method, dtype, comp, sec, ppl in rows:
