@@ -55,7 +55,7 @@ class EvalConfig:
     search_split: str = "validation"
     report_split: str = "test"
     batch_size: int = 8
-    logits_chunk: int = 4096
+    logits_chunk: int | None = None  # rows of logits at a time; null: 1024 on CPU, 4096 on GPU
     dtype: str = "fp32"  # fp32 (exact) | bf16 | fp16
     device: str = "auto"
     compile: bool = False

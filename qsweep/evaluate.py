@@ -104,17 +104,21 @@ class Evaluator:
         *,
         batch_size: int = 8,
         dtype: str = "fp32",
-        logits_chunk: int = 4096,
+        logits_chunk: int | None = None,
         device: str | torch.device | None = "auto",
         compile: bool = False,
     ):
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        if (
+            logits_chunk is None
+        ):  # measured: CPUs prefer logits that stay in cache, GPUs fewer, larger matmuls
+            logits_chunk = 4096 if self.device.type == "cuda" else 1024
         if batch_size < 1 or logits_chunk < 1:
             raise ValueError(
                 f"eval.batch_size and eval.logits_chunk must be >= 1, got {batch_size}, {logits_chunk}"
             )
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.dtype = dtype
         self.compile = compile
         self.logits_chunk = logits_chunk

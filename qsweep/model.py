@@ -64,14 +64,19 @@ def _offline_hint(source: str, what: str, err: Exception) -> ModelLoadError:
     )
 
 
-def load_model_config(cfg: Mapping):
-    from transformers import AutoConfig
+def _from_pretrained(auto_class: str, cfg: Mapping, what: str, **kwargs):
+    """``transformers.<auto_class>.from_pretrained`` on the configured source; failures say what to pass instead."""
+    import transformers
 
     source = model_source(cfg)
     try:
-        return AutoConfig.from_pretrained(source, **_load_kwargs(cfg))
+        return getattr(transformers, auto_class).from_pretrained(source, **_load_kwargs(cfg), **kwargs)
     except (OSError, ValueError) as e:
-        raise _offline_hint(source, "config", e) from None
+        raise _offline_hint(source, what, e) from None
+
+
+def load_model_config(cfg: Mapping):
+    return _from_pretrained("AutoConfig", cfg, "config")
 
 
 def meta_model(config) -> nn.Module:
@@ -84,24 +89,12 @@ def meta_model(config) -> nn.Module:
 
 def load_model(cfg: Mapping, device: str | torch.device = "cpu") -> nn.Module:
     """Load the weights in fp32 (the reference precision that plans are simulated from), in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    source = model_source(cfg)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **_load_kwargs(cfg))
-    except (OSError, ValueError) as e:
-        raise _offline_hint(source, "weights", e) from None
+    model = _from_pretrained("AutoModelForCausalLM", cfg, "weights", dtype=torch.float32)
     return model.to(device).eval()
 
 
 def load_tokenizer(cfg: Mapping):
-    from transformers import AutoTokenizer
-
-    source = model_source(cfg)
-    try:
-        return AutoTokenizer.from_pretrained(source, **_load_kwargs(cfg))
-    except (OSError, ValueError) as e:
-        raise _offline_hint(source, "tokenizer", e) from None
+    return _from_pretrained("AutoTokenizer", cfg, "tokenizer")
 
 
 def unit_rules(cfg: Mapping) -> Sequence[Mapping]:

@@ -139,7 +139,7 @@ class EvalSession:
                 int(e.get("stride") or self.context),
                 batch_size=int(e.get("batch_size", 8)),
                 dtype=e.get("dtype", "fp32"),
-                logits_chunk=int(e.get("logits_chunk", 4096)),
+                logits_chunk=e.get("logits_chunk"),
                 device=self.device,
                 compile=bool(e.get("compile", False)),
             )

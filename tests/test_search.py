@@ -82,16 +82,25 @@ def test_study_end_to_end(tmp_path, search):
     assert yaml.safe_load((out / "best_plan.yaml").read_text())["version"] == 1
 
 
-def test_same_seed_same_trials_different_seed_different(tmp_path):
+@pytest.mark.parametrize("search", ["random", "tpe", "nsga2"])
+def test_same_seed_same_trials_different_seed_different(tmp_path, search):
+    from qsweep.search.study import StudyRunner
+
+    options = {"tpe": ["search.sampler_options.n_startup_trials=2"],
+               "nsga2": ["search.sampler_options.population_size=2"]}.get(search, [])  # fmt: skip
+
     def params(seed, name):
         out = tmp_path / name
         out.mkdir()
-        cfg = compose_cfg("+search=random", "search.n_trials=6", f"search.seed={seed}", "search.enqueue=[]",
-                          tmp_path=tmp_path)  # fmt: skip
-        return [t.params for t in trials_of(run_search(cfg, out))]
+        cfg = compose_cfg(f"+search={search}", "search.n_trials=5", f"search.seed={seed}", "search.enqueue=[]",
+                          *options, tmp_path=tmp_path)  # fmt: skip
+        runner = StudyRunner(cfg, out)
+        study = runner.open_study()
+        runner.optimize(study)
+        return [t.params for t in study.trials]
 
     a, b, c = params(0, "a"), params(0, "b"), params(1, "c")
-    assert a == b and a != c
+    assert len(a) == 5 and a == b and a != c
 
 
 def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
@@ -122,15 +131,16 @@ def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
 
 def test_interrupted_study_resumes_to_n_trials(tmp_path):
     db = tmp_path / "study.db"
+    # 16k tokens per trial: slow enough (about a second) that the SIGINT lands mid-study
     args = [*FAST, "+search=random", "search.n_trials=8", f"storage.url=sqlite:///{db}", "search.study_name=resume",
-            f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=4096"]  # fmt: skip
+            f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=16384"]  # fmt: skip
     env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "qsweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 300
     n = 0
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
+        time.sleep(0.2)
         try:
             n = sum(
                 t.state.name == "COMPLETE"
@@ -227,7 +237,9 @@ def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
 
 @pytest.mark.slow
 def test_multirun_runs_four_studies(tmp_path):
-    proc = cli("-m", "+search=nsga2,tpe", "search.seed=0,1", "search.n_trials=3", "search.enqueue=[]", *FAST[:3],
+    # non-swept keys of an opt-in group are set with choice(): Hydra checks plain overrides before adding the group
+    proc = cli("-m", "+search=nsga2,tpe", "search.seed=0,1", "search.n_trials=choice(3)", "search.enqueue=choice([])",
+               *FAST[:3],
                f"hydra.sweep.dir={tmp_path / 'multi'}", tmp_path=tmp_path)  # fmt: skip
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert len(results) == 4, proc.stdout[-2000:]
