@@ -2,7 +2,7 @@
 .PHONY: install run test test-all lint format bench
 
 install:
-	pip install -e ".[test]"
+	pip install -e ".[test,dashboard]"
 
 run:
 	python -m qsweep

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,12 +18,10 @@ from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.train_tiny import unigram_perplexity
 
 TINY = _asset_dir("tiny")
-CARD = json.loads((__import__("pathlib").Path(TINY) / "card.json").read_text())
+CARD = json.loads((Path(TINY) / "card.json").read_text())
 
 
 def test_bundle_is_small_and_loads_like_a_local_gpt2(gpt2_small_table):
-    from pathlib import Path
-
     files = list(Path(TINY).iterdir())
     assert sum(f.stat().st_size for f in files) <= 16 * 2**20
     assert not any(f.suffix in (".bin", ".pt", ".pkl") for f in files)  # safetensors only, no pickle

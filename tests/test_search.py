@@ -135,8 +135,11 @@ def test_interrupted_study_resumes_to_n_trials(tmp_path):
     args = [*FAST, "+search=random", "search.n_trials=8", f"storage.url=sqlite:///{db}", "search.study_name=resume",
             f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=16384"]  # fmt: skip
     env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache")}
+    # A background job of a non-interactive shell (as CI may be) inherits SIGINT ignored: give the child the default
+    # disposition, as an interactive terminal would, so that Python turns SIGINT into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "qsweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 300
     n = 0
     while time.time() < deadline and proc.poll() is None:
