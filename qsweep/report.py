@@ -47,8 +47,6 @@ def write_reports(runner, study: optuna.Study, out_dir: Path) -> dict:
     for t in candidates:
         plan = _plan_of(t)
         rep = session.score(plan, runner.report_split)
-        size = rep.packed_size_bytes if search.size_metric == "packed" else rep.model_size_bytes
-        comp = session.baseline_size_bytes / size
         ci = rep.degradation_ci95 or (None, None)
         rows.append({
             "trial": t.number,
@@ -56,7 +54,7 @@ def write_reports(runner, study: optuna.Study, out_dir: Path) -> dict:
             "enqueued_as": t.user_attrs.get("enqueued_as", ""),
             "model_size_bytes": rep.model_size_bytes,
             "packed_size_bytes": rep.packed_size_bytes,
-            "compression": comp,
+            "compression": rep.compression_for(search.size_metric),
             "search_perplexity": t.user_attrs["perplexity"],
             "search_degradation": t.user_attrs["degradation"],
             "search_fitness": t.user_attrs["fitness"],
@@ -64,7 +62,7 @@ def write_reports(runner, study: optuna.Study, out_dir: Path) -> dict:
             "report_degradation": rep.degradation,
             "report_degradation_ci95_low": ci[0],
             "report_degradation_ci95_high": ci[1],
-            "report_fitness": None if rep.degradation is None else comp - session.penalty * max(0.0, rep.degradation),
+            "report_fitness": rep.fitness_for(search.size_metric),
             "plan": plan,
         })  # fmt: skip
     rows.sort(key=lambda r: r["packed_size_bytes"])

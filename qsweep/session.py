@@ -64,7 +64,7 @@ class PlanScore:
 
     @property
     def compression(self) -> float:
-        return compression(self.baseline_size_bytes, self.model_size_bytes)
+        return self.compression_for("model")
 
     @property
     def degradation(self) -> float | None:
@@ -72,8 +72,18 @@ class PlanScore:
 
     @property
     def fitness(self) -> float | None:
+        return self.fitness_for("model")
+
+    def size_bytes(self, metric: str = "model") -> int:
+        """``model``: the seed's accounting (no scales); ``packed``: codes plus scales."""
+        return self.packed_size_bytes if metric == "packed" else self.model_size_bytes
+
+    def compression_for(self, metric: str) -> float:
+        return compression(self.baseline_size_bytes, self.size_bytes(metric))
+
+    def fitness_for(self, metric: str) -> float | None:
         d = self.degradation
-        return None if d is None else fitness(self.compression, d, self.penalty)
+        return None if d is None else fitness(self.compression_for(metric), d, self.penalty)
 
     def to_dict(self) -> dict:
         return {

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 from qsweep.plan import Plan, PlanError, plan_from_config
 from qsweep.search.samplers import make_sampler
 from qsweep.search.space import SearchSpace
-from qsweep.session import EvalSession, PlanScore, named_plan_spec
+from qsweep.session import EvalSession, named_plan_spec
 
 __all__ = ["SearchConfig", "StudyRunner", "run_search"]
 
@@ -176,14 +176,14 @@ class StudyRunner:
 
     # -- per trial -------------------------------------------------------------------------------------------------
 
-    def _size(self, score: PlanScore) -> int:
-        return score.packed_size_bytes if self.search.size_metric == "packed" else score.model_size_bytes
-
     def _values(self, attrs: Mapping) -> list[float]:
-        size = attrs[f"{self.search.size_metric}_size_bytes"]
         if self.search.objective == "multi":
-            return [attrs["perplexity"], float(size)]
+            return [attrs["perplexity"], float(attrs[f"{self.search.size_metric}_size_bytes"])]
         return [attrs["fitness"]]
+
+    def _failed(self):
+        """What a plan that cannot be evaluated returns: NaN, which Optuna records as a failed trial."""
+        return float("nan") if self.search.objective == "fitness" else (float("nan"), float("nan"))
 
     def objective(self, trial: optuna.Trial):
         plan = self.space.suggest(trial)
@@ -195,12 +195,9 @@ class StudyRunner:
                     trial.set_user_attr(k, v)
             trial.set_user_attr("duplicate_of", earlier.number)
             self._constrain(trial, earlier.user_attrs)
-            if "error" in earlier.user_attrs:
-                return float("nan") if self.search.objective == "fitness" else (float("nan"), float("nan"))
-            return self._values(earlier.user_attrs)
+            return self._failed() if "error" in earlier.user_attrs else self._values(earlier.user_attrs)
         score = self.session.score(plan, self.split)
-        size = self._size(score)
-        comp = self.session.baseline_size_bytes / size
+        metric = self.search.size_metric
         attrs = {
             "plan": plan.to_json(),
             "plan_digest": digest,
@@ -209,11 +206,9 @@ class StudyRunner:
             "baseline_perplexity": score.baseline_perplexity,
             "model_size_bytes": score.model_size_bytes,
             "packed_size_bytes": score.packed_size_bytes,
-            "compression": comp,
+            "compression": score.compression_for(metric),
             "degradation": score.degradation,
-            "fitness": None
-            if score.degradation is None
-            else comp - self.session.penalty * max(0.0, score.degradation),
+            "fitness": score.fitness_for(metric),
             "eval_tokens": score.result.n_tokens,
             "eval_seconds": score.result.seconds,
         }
@@ -225,7 +220,7 @@ class StudyRunner:
         self._seen[digest] = trial  # a live Trial also has .number and .user_attrs
         if not score.result.ok:
             log.warning("trial %d: plan %s failed to evaluate: %s", trial.number, digest, score.result.error)
-            return float("nan") if self.search.objective == "fitness" else (float("nan"), float("nan"))
+            return self._failed()
         return self._values(attrs)
 
     def _constrain(self, trial: optuna.Trial, attrs: Mapping) -> None:
@@ -233,7 +228,7 @@ class StudyRunner:
             return
         d = attrs.get("degradation")
         value = math.inf if d is None else d - self.search.max_degradation  # <= 0 is feasible
-        value = min(value, 1e300)
+        value = min(value, 1e300)  # a failed plan is infinitely infeasible; stored as a finite JSON number
         if _HAS_SET_CONSTRAINT:
             trial.set_constraint("max_degradation", value)
         else:
