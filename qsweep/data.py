@@ -41,9 +41,8 @@ def _hf_text(cfg: Mapping, split: str) -> str:
     name, subset = cfg.get("dataset"), cfg.get("subset")
     try:
         ds = datasets.load_dataset(name, subset, split=split)
-    except (
-        Exception
-    ) as e:  # datasets raises many types offline (ConnectionError, OSError, DatasetNotFoundError...)
+    # datasets raises many types offline (ConnectionError, OSError, DatasetNotFoundError...): all mean the same here
+    except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise DataLoadError(
             f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({type(e).__name__}: "

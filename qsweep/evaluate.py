@@ -78,7 +78,8 @@ class EvalResult:
         return math.exp(self.nll_sum / self.n_tokens)
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``auto`` (or None): CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -110,10 +111,9 @@ class Evaluator:
     ):
         if dtype not in COMPUTE_DTYPES:
             raise ValueError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
-        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        if (
-            logits_chunk is None
-        ):  # measured: CPUs prefer logits that stay in cache, GPUs fewer, larger matmuls
+        self.device = resolve_device(device)
+        # measured: CPUs prefer logits that stay in cache, GPUs fewer and larger matmuls
+        if logits_chunk is None:
             logits_chunk = 4096 if self.device.type == "cuda" else 1024
         if batch_size < 1 or logits_chunk < 1:
             raise ValueError(

@@ -22,7 +22,7 @@ from qsweep.metrics import compression, degradation, fitness, paired_degradation
 from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.paths import config_dir
 from qsweep.plan import Plan, PlanError, load_plan_file, plan_from_config
-from qsweep.size import bits_per_param, model_size_bytes, packed_size_bytes
+from qsweep.size import model_size_bytes, packed_size_bytes
 
 __all__ = ["EvalSession", "PlanScore", "named_plan_spec"]
 
@@ -183,16 +183,17 @@ class EvalSession:
             base = self.baseline(split)
             result = base if plan == self.baseline_plan else self.evaluate(plan, split)
             base_ppl, ci = base.perplexity, paired_degradation_ci(result, base) if result.ok else None
+        size = model_size_bytes(self.table, plan)
         return PlanScore(
             plan=plan,
             split=split,
             result=result,
             baseline_perplexity=base_ppl,
-            model_size_bytes=model_size_bytes(self.table, plan),
+            model_size_bytes=size,
             packed_size_bytes=packed_size_bytes(self.table, plan),
             baseline_size_bytes=int(self.baseline_size_bytes),
             bit_histogram=plan.histogram(self.table),
-            bits_per_param=bits_per_param(self.table, plan),
+            bits_per_param=8 * size / self.table.numel,  # as qsweep.size.bits_per_param, without re-counting
             penalty=self.penalty,
             degradation_ci95=ci,
         )
