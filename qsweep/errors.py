@@ -1,0 +1,24 @@
+"""The project's error types. A :class:`QsweepError` is something the user fixes by changing their input: the CLI
+prints its message as one line (``qsweep: error: ...``) and exits with status 2. Anything else is a bug and keeps
+its traceback.
+
+Messages are one line that names the offending key, file or value and what to do instead.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "QsweepError", "first_line"]
+
+
+class QsweepError(Exception):
+    """Base class of user errors (bad config, plan, model, data or storage)."""
+
+
+class ConfigError(QsweepError, ValueError):
+    """A config value that is out of range, unknown or inconsistent with another; names the key."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` of a third-party exception, for embedding in a one-line error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
