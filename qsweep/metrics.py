@@ -5,8 +5,7 @@ bytes`` and ``degradation = (ppl - base_ppl) / base_ppl``; the seed used penalty
 
 Perplexities measured on a few thousand tokens are noisy in absolute terms, but a plan and its baseline are scored
 on the same windows, so their difference is far more precise. ``paired_degradation_ci`` treats windows as the
-sampling unit: per-window NLL differences give the standard error of the mean per-token log-perplexity change
-(a ratio estimator), mapped through exp to a CI on the relative degradation.
+sampling unit (see its docstring); with fewer than two windows there is no spread to estimate and no interval.
 """
 
 from __future__ import annotations
@@ -32,18 +31,41 @@ def fitness(compression_ratio: float, degradation_value: float, penalty: float =
     return compression_ratio - penalty * max(0.0, degradation_value)
 
 
-def paired_degradation_ci(plan: EvalResult, base: EvalResult, z: float = 1.96) -> tuple[float, float]:
-    """Approximate ``z``-sigma interval for the plan's relative perplexity degradation vs ``base``."""
-    if not (plan.ok and base.ok):
-        return (math.nan, math.nan)
+def paired_degradation_ci(
+    plan: EvalResult, base: EvalResult, level: float = 0.95
+) -> tuple[float, float] | None:
+    """A ``level`` confidence interval for the plan's relative perplexity degradation vs ``base``, or None.
+
+    Both results must come from the same windows. With ``d_i`` the per-window NLL difference (plan - base) and
+    ``n_i`` the scored tokens of window i (k windows, N tokens), the mean per-token log-perplexity change is the
+    ratio estimator ``delta = sum(d_i) / N`` (exactly ``log(ppl / base_ppl)``). Its standard error comes from the
+    spread of the window residuals ``z_i = d_i - delta * n_i`` (the delta method for a ratio of means):
+    ``se = sqrt(k / (k - 1) * sum(z_i^2)) / N``. The interval ``delta +/- t * se``, with ``t`` the two-sided
+    Student-t quantile of ``k - 1`` degrees of freedom, is mapped through ``exp(.) - 1`` onto the relative
+    degradation, so it contains the point estimate but is not symmetric about it. Windows are treated as
+    independent draws from the evaluated text, which they are not quite (neighbouring windows share a document;
+    overlapping windows share context), and the interval says nothing about a different corpus.
+
+    None when either evaluation failed or there are fewer than 2 windows (one window has no spread).
+    """
+    if not 0 < level < 1:
+        raise ValueError(f"confidence level must be in (0, 1), got {level}")
     if not torch.equal(plan.window_tokens, base.window_tokens):
         raise ValueError("paired CI needs both results on the same windows (same tokens and protocol)")
-    d = (plan.window_nll - base.window_nll).double()  # [n_windows]
-    n = plan.window_tokens.double()
-    n_windows = d.numel()
-    delta = float(d.sum() / n.sum())  # mean per-token log-perplexity change
-    if n_windows < 2:
-        return (math.exp(delta) - 1, math.exp(delta) - 1)
-    resid = d - delta * n
-    se = math.sqrt(float((resid**2).sum()) * n_windows / (n_windows - 1)) / float(n.sum())
-    return (math.exp(delta - z * se) - 1, math.exp(delta + z * se) - 1)
+    if not (plan.ok and base.ok):
+        return None
+    k = plan.window_tokens.numel()
+    if k < 2:
+        return None
+    d = (plan.window_nll - base.window_nll).double()  # [k]
+    n = plan.window_tokens.double()  # [k]
+    total = float(n.sum())
+    delta = float(d.sum()) / total
+    z = d - delta * n  # [k]
+    se = math.sqrt(float((z**2).sum()) * k / (k - 1)) / total
+    # stdtrit is the Student-t inverse CDF behind scipy.stats.t.ppf; imported here because scipy.stats alone
+    # costs about a second at import time and most imports of qsweep never compute an interval.
+    from scipy.special import stdtrit
+
+    half = float(stdtrit(k - 1, 0.5 + level / 2)) * se
+    return (math.expm1(delta - half), math.expm1(delta + half))
