@@ -13,6 +13,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from qsweep.errors import ConfigError, did_you_mean
+
 __all__ = [
     "BaselineConfig",
     "Config",
@@ -109,8 +111,10 @@ def _asset_dir(name: str) -> str:
     """``${qsweep_asset:tiny}``: the directory of a model bundled with the package (qsweep/assets/NAME)."""
     path = Path(__file__).resolve().parent / "assets" / name
     if not path.is_dir():
-        have = sorted(p.name for p in path.parent.iterdir()) if path.parent.is_dir() else []
-        raise ValueError(f"no bundled asset {name!r}; bundled: {', '.join(have) or 'none'}")
+        have = sorted(p.name for p in path.parent.iterdir() if p.is_dir()) if path.parent.is_dir() else []
+        raise ConfigError(
+            f"no bundled asset {name!r}{did_you_mean(name, have)}; bundled: {', '.join(have) or 'none'}"
+        )
     return str(path)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from qsweep.errors import first_line
+
 __all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,10 @@ def _hf_text(cfg: Mapping, split: str) -> str:
         ds = datasets.load_dataset(name, subset, split=split)
     # datasets raises many types offline (ConnectionError, OSError, DatasetNotFoundError...): all mean the same here
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         raise DataLoadError(
-            f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({type(e).__name__}: "
-            f"{first}); offline, pass a local UTF-8 text file with data.path=FILE (or a directory of "
-            f"<split>.txt files), or use the bundled corpus (data=tiny)"
+            f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({first_line(e)}); offline, "
+            f"pass a local UTF-8 text file with data.path=FILE (or a directory of <split>.txt files), or use the "
+            f"bundled corpus (data=tiny)"
         ) from None
     field = cfg.get("text_field", "text")
     return str(cfg.get("joiner", "\n\n")).join(ds[field])

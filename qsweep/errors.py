@@ -7,7 +7,10 @@ Messages are one line that names the offending key, file or value and what to do
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "QsweepError", "first_line"]
+import difflib
+from collections.abc import Iterable
+
+__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line"]
 
 
 class QsweepError(Exception):
@@ -22,3 +25,15 @@ def first_line(exc: BaseException) -> str:
     """``TypeName: first line of the message`` of a third-party exception, for embedding in a one-line error."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def did_you_mean(name: object, choices: Iterable[object], n: int = 3) -> str:
+    """`` (did you mean X?)`` naming up to ``n`` of ``choices`` closest to ``name``, or ``""`` when none is close.
+
+    Appended straight after the offending value: ``f"unknown format {name!r}{did_you_mean(name, FORMATS)}; ..."``.
+    """
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=n)
+    if not close:
+        return ""
+    alternatives = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+    return f" (did you mean {alternatives}?)"

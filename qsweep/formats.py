@@ -20,11 +20,12 @@ A ragged last group is padded with zeros, which changes neither its max nor its 
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 
 import torch
+
+from qsweep.errors import ConfigError, did_you_mean
 
 __all__ = [
     "FORMATS",
@@ -158,13 +159,13 @@ def register_format(fmt: Format) -> Format:
 
 
 def get_format(name: str) -> Format:
-    """Look a format up by exact name; unknown names raise with the valid names and the closest matches."""
+    """Look a format up by exact name; unknown names raise :class:`ConfigError` with the valid names."""
     try:
         return FORMATS[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), FORMATS, n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ValueError(f"unknown format {name!r}{hint}; valid formats: {', '.join(FORMATS)}") from None
+        raise ConfigError(
+            f"unknown format {name!r}{did_you_mean(name, FORMATS)}; valid formats: {', '.join(FORMATS)}"
+        ) from None
 
 
 register_format(FloatFormat("fp32", 32, torch.float32))

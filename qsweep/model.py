@@ -7,13 +7,13 @@ selected by ``granularity``. ``trust_remote_code`` is never passed unless the co
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from qsweep.errors import ConfigError, did_you_mean, first_line
 from qsweep.units import UnitTable, discover_units
 
 __all__ = [
@@ -58,7 +58,7 @@ def _load_kwargs(cfg: Mapping) -> dict:
 
 def _offline_hint(source: str, what: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(
-        f"cannot load the {what} of {source!r} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+        f"cannot load the {what} of {source!r} ({first_line(err)}); "
         f"if the Hugging Face hub is out of reach, pass a local copy with model.path=DIR "
         f"or use the bundled offline model (model=tiny data=tiny)"
     )
@@ -102,10 +102,9 @@ def unit_rules(cfg: Mapping) -> Sequence[Mapping]:
     units = cfg.get("units") or {}
     gran = cfg.get("granularity")
     if gran not in units:
-        close = difflib.get_close_matches(str(gran), list(units), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(
-            f"unknown model.granularity {gran!r}{hint}; valid: {', '.join(units) or 'none defined'}"
+        raise ConfigError(
+            f"unknown model.granularity {gran!r}{did_you_mean(gran, units)}; valid: "
+            f"{', '.join(units) or 'none defined'}"
         )
     return units[gran]
 

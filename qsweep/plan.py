@@ -17,6 +17,9 @@ match wins, ``re.fullmatch``), plus optional explicit ``units`` entries that ove
 
 The seed project's plan files (a JSON object ``{substring: width}``: the first substring contained in a parameter
 name wins, unmatched parameters stay FP32) are read by :func:`seed_plan_to_spec` / :func:`load_plan_file`.
+
+Named plans (``plan=NAME``, ``baseline.plan``, ``search.enqueue``) are the files conf/plan/NAME.yaml; this module is
+their one reader (:func:`named_plan_spec`, :func:`plan_names`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,7 +34,10 @@ from pathlib import Path
 
 import yaml
 
+from qsweep.errors import ConfigError, QsweepError, did_you_mean, first_line
 from qsweep.formats import get_format
+from qsweep.paths import config_dir
+from qsweep.rules import OrderedRules
 from qsweep.units import UnitTable
 
 __all__ = [
@@ -42,7 +47,9 @@ __all__ = [
     "PlanSpec",
     "Rule",
     "load_plan_file",
+    "named_plan_spec",
     "plan_from_config",
+    "plan_names",
     "seed_plan_to_spec",
 ]
 
@@ -52,20 +59,37 @@ _SPEC_KEYS = {"version", "default", "rules", "units"}
 _SEED_WIDTHS = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
 
 
-class PlanError(ValueError):
+class PlanError(QsweepError, ValueError):
     """A plan that cannot be read or does not fit the model; the message is one line naming the problem."""
-
-
-def _close(name: str, choices, n: int = 3) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
-    return f" (close matches: {', '.join(close)})" if close else ""
 
 
 def _check_format(name, where: str) -> str:
     try:
         return get_format(name).name
-    except ValueError as e:
+    except ConfigError as e:
         raise PlanError(f"{where}: {e}") from None
+
+
+def plan_names() -> list[str]:
+    """The named plans shipped in conf/plan/ (``plan=NAME``), sorted."""
+    return sorted(p.stem for p in (config_dir() / "plan").glob("*.yaml"))
+
+
+def named_plan_spec(name: str) -> dict:
+    """The plan spec (a :class:`PlanSpec` mapping) of the shipped plan ``name`` (conf/plan/NAME.yaml)."""
+    names = plan_names()
+    if name not in names:
+        raise PlanError(
+            f"unknown plan name {name!r}{did_you_mean(name, names)}; shipped plans: {', '.join(names)}"
+        )
+    path = config_dir() / "plan" / f"{name}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PlanError(f"plan {name!r} ({path}): malformed YAML: {first_line(e)}") from None
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"plan {name!r} ({path}): a plan must be a mapping with keys default/rules/units")
+    return dict(raw)
 
 
 @dataclass(frozen=True)
@@ -122,7 +146,7 @@ class Plan:
         missing = [u for u in table.names if u not in self.formats]
         extra = [u for u in self.formats if u not in table]
         if extra:
-            raise PlanError(f"plan names unknown unit {extra[0]!r}{_close(extra[0], table.names)}")
+            raise PlanError(f"plan names unknown unit {extra[0]!r}{did_you_mean(extra[0], table.names)}")
         if missing:
             raise PlanError(f"plan gives no format to unit {missing[0]!r} ({len(missing)} units missing)")
 
@@ -153,7 +177,7 @@ class PlanSpec:
         if unknown:
             bad = sorted(unknown)[0]
             raise PlanError(
-                f"{source}: unknown plan key {bad!r}{_close(bad, _SPEC_KEYS)}; valid keys: "
+                f"{source}: unknown plan key {bad!r}{did_you_mean(bad, sorted(_SPEC_KEYS))}; valid keys: "
                 f"{', '.join(sorted(_SPEC_KEYS))}"
             )
         version = raw.get("version", PLAN_VERSION)
@@ -165,19 +189,10 @@ class PlanSpec:
         default = raw.get("default")
         if default is not None:
             default = _check_format(default, f"{source}: default")
-        rules = []
-        for i, r in enumerate(raw.get("rules") or []):
-            if not isinstance(r, Mapping) or set(r) != {"pattern", "format"}:
-                raise PlanError(
-                    f"{source}: rule {i} must be a mapping with keys 'pattern' and 'format', got {r!r}"
-                )
-            try:
-                re.compile(str(r["pattern"]))
-            except re.error as e:
-                raise PlanError(
-                    f"{source}: rule {i} pattern {r['pattern']!r} is not a valid regex: {e}"
-                ) from None
-            rules.append(Rule(str(r["pattern"]), _check_format(r["format"], f"{source}: rule {i}")))
+        compiled = OrderedRules.from_config(
+            raw.get("rules"), "format", source=source, error=PlanError, convert=_check_format
+        )
+        rules = [Rule(pattern, fmt) for pattern, fmt in compiled]
         units_raw = raw.get("units") or {}
         if not isinstance(units_raw, Mapping):
             raise PlanError(f"{source}: 'units' must be a mapping unit -> format")
@@ -197,30 +212,25 @@ class PlanSpec:
         return out
 
     def resolve(self, table: UnitTable, source: str = "plan") -> Plan:
-        """Assign every unit of ``table`` a format. Unknown units and rules that match nothing are errors."""
+        """Assign every unit of ``table`` a format: its explicit entry, else the first rule that matches it, else
+        the default. Unknown units and rules that match no unit at all are errors."""
         for u in self.units:
             if u not in table:
-                raise PlanError(f"{source}: unknown unit {u!r}{_close(u, table.names)}")
-        compiled = [re.compile(r.pattern) for r in self.rules]
-        used = [False] * len(self.rules)
+                raise PlanError(f"{source}: unknown unit {u!r}{did_you_mean(u, table.names)}")
+        rules = OrderedRules.compile(
+            ((r.pattern, r.format) for r in self.rules), source=source, error=PlanError
+        )
+        rules.check_used(table.names, subject="unit")
         out: dict[str, str] = {}
         for name in table.names:
             if name in self.units:
                 out[name] = self.units[name]
-                continue
-            for i, rx in enumerate(compiled):
-                if rx.fullmatch(name):
-                    used[i] = True
-                    out[name] = self.rules[i].format
-                    break
-            else:
-                if self.default is None:
-                    raise PlanError(f"{source}: unit {name!r} matches no rule and the plan has no default")
+            elif hit := rules.first(name):
+                out[name] = hit.value
+            elif self.default is not None:
                 out[name] = self.default
-        for i, hit in enumerate(used):
-            if not hit and not any(compiled[i].fullmatch(n) for n in table.names):
-                pat = self.rules[i].pattern
-                raise PlanError(f"{source}: rule pattern {pat!r} matches no unit{_close(pat, table.names)}")
+            else:
+                raise PlanError(f"{source}: unit {name!r} matches no rule and the plan has no default")
         return Plan(out)
 
 

@@ -2,7 +2,9 @@
 
 Grouping rules live in the model's config file (conf/model/*.yaml), not in code. A rule is a regex over parameter
 names (``re.fullmatch``) and a unit-name template that may use the regex's groups (``h.\\1.attn``). Every parameter
-must be claimed by exactly one rule: a parameter no rule claims, or one claimed twice, is an error naming it.
+must be claimed by exactly one rule: a parameter no rule claims, or one claimed twice, is a :class:`UnitError`
+naming it (the rules are read by :class:`qsweep.rules.OrderedRules`). Rules that claim nothing are allowed: one rule
+list serves a family of models (``lm_head`` is a parameter only when it is not tied).
 
 Parameters are taken from ``model.named_parameters()``, which lists a tied parameter once under its first name, so
 GPT-2's ``lm_head.weight`` (tied to ``transformer.wte.weight``) is counted once, inside the wte unit. Buffers (the
@@ -19,7 +21,23 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ParamInfo", "Unit", "UnitRule", "UnitTable", "discover_units", "output_channel_dim"]
+from qsweep.errors import QsweepError
+from qsweep.rules import OrderedRules
+
+__all__ = [
+    "ParamInfo",
+    "Unit",
+    "UnitError",
+    "UnitRule",
+    "UnitTable",
+    "compile_unit_rules",
+    "discover_units",
+    "output_channel_dim",
+]
+
+
+class UnitError(QsweepError, ValueError):
+    """Unit rules that cannot be read or do not partition a model's parameters; one line naming the culprit."""
 
 
 @dataclass(frozen=True)
@@ -53,17 +71,6 @@ class UnitRule:
 
     pattern: str
     unit: str
-
-    @classmethod
-    def from_config(cls, raw: Mapping) -> UnitRule:
-        keys = set(raw)
-        if keys != {"pattern", "unit"}:
-            raise ValueError(f"unit rule {dict(raw)!r} must have exactly the keys 'pattern' and 'unit'")
-        try:
-            re.compile(raw["pattern"])
-        except re.error as e:
-            raise ValueError(f"unit rule pattern {raw['pattern']!r} is not a valid regex: {e}") from None
-        return cls(str(raw["pattern"]), str(raw["unit"]))
 
 
 class UnitTable:
@@ -123,28 +130,40 @@ def _owned_params(model: nn.Module) -> Iterable[tuple[str, nn.Module, str, torch
             yield full, module, p_name, p
 
 
-def discover_units(model: nn.Module, rules: Sequence[UnitRule | Mapping]) -> UnitTable:
-    """Group ``model``'s parameters into units by ``rules`` (see module docstring). Works on meta tensors."""
-    rules = [r if isinstance(r, UnitRule) else UnitRule.from_config(r) for r in rules]
+def compile_unit_rules(rules: Sequence[UnitRule | Mapping] | OrderedRules[str]) -> OrderedRules[str]:
+    """Validate unit rules (``{pattern, unit}`` mappings from a model config, or :class:`UnitRule`)."""
+    if isinstance(rules, OrderedRules):
+        return rules
     if not rules:
-        raise ValueError("no unit rules given: the model config needs a non-empty 'units' list")
-    compiled = [(re.compile(r.pattern), r) for r in rules]
+        raise UnitError("no unit rules given: the model config needs a non-empty 'units' list")
+    entries = [{"pattern": r.pattern, "unit": r.unit} if isinstance(r, UnitRule) else r for r in rules]
+    return OrderedRules.from_config(
+        entries, "unit", what="unit rule", error=UnitError, convert=lambda unit, where: str(unit)
+    )
+
+
+def discover_units(model: nn.Module, rules: Sequence[UnitRule | Mapping] | OrderedRules[str]) -> UnitTable:
+    """Group ``model``'s parameters into units by ``rules`` (see module docstring). Works on meta tensors."""
+    compiled = compile_unit_rules(rules)
     grouped: dict[str, list[ParamInfo]] = {}
     unclaimed: list[str] = []
     for full, module, p_name, p in _owned_params(model):
-        hits = [(m, r) for rx, r in compiled if (m := rx.fullmatch(full))]
-        if not hits:
+        hit = compiled.only(full, subject="parameter")
+        if hit is None:
             unclaimed.append(full)
             continue
-        if len(hits) > 1:
-            pats = ", ".join(repr(r.pattern) for _, r in hits)
-            raise ValueError(f"parameter {full!r} is claimed by several unit rules: {pats}")
-        m, r = hits[0]
+        try:
+            unit = hit.match.expand(hit.value)
+        except (re.error, IndexError) as e:
+            raise UnitError(
+                f"unit rule {hit.index} ({hit.pattern!r}): unit name template {hit.value!r} does not fit the "
+                f"pattern's groups ({e})"
+            ) from None
         info = ParamInfo(full, tuple(p.shape), output_channel_dim(module, p_name, p))
-        grouped.setdefault(m.expand(r.unit), []).append(info)
+        grouped.setdefault(unit, []).append(info)
     if unclaimed:
         more = f" and {len(unclaimed) - 5} more" if len(unclaimed) > 5 else ""
-        raise ValueError(
+        raise UnitError(
             f"parameter {unclaimed[0]!r} is claimed by no unit rule (unclaimed: "
             f"{', '.join(unclaimed[:5])}{more})"
         )

@@ -6,17 +6,26 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+import torch
+from conftest import ROOT, model_cfg
 from hydra import compose, initialize_config_dir
 
+from qsweep.apply import apply_plan_
 from qsweep.config import register_configs
+from qsweep.evaluate import Evaluator
+from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.paths import config_dir
+from qsweep.plan import Plan
 from qsweep.session import EvalSession
 
-KEYS = {"perplexity", "baseline_perplexity", "model_size_bytes", "packed_size_bytes", "baseline_size_bytes",
-        "compression", "degradation", "fitness", "bit_histogram", "eval_tokens", "eval_time_seconds"}  # fmt: skip
+# The record of a scored plan (qsweep/score.py), as the JSON line writes it: scripts read these names.
+KEYS = {"split", "plan_digest", "perplexity", "baseline_perplexity", "degradation", "degradation_ci95_low",
+        "degradation_ci95_high", "model_size_bytes", "packed_size_bytes", "baseline_size_bytes", "compression_seed",
+        "compression_packed", "fitness_seed", "fitness_packed", "bits_per_param", "eval_tokens", "eval_seconds",
+        "error", "bit_histogram"}  # fmt: skip
 
 
 def run_qsweep(*overrides, tmp_path, check=True):
@@ -30,6 +39,10 @@ def run_qsweep(*overrides, tmp_path, check=True):
     return proc
 
 
+def last_json_line(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def tiny_overrides(tiny_dirs):
     model_dir, corpus = tiny_dirs
     return [
@@ -41,21 +54,34 @@ def tiny_overrides(tiny_dirs):
     ]
 
 
-def test_one_json_line_with_the_contract_keys(tmp_path, tiny_dirs):
+@pytest.fixture(scope="module")
+def int8_run(tmp_path_factory, tiny_dirs) -> tuple[dict, Path]:
+    """The JSON line of ``plan=int8`` on the first 300 test tokens, and its run directory (one run, shared)."""
+    tmp_path = tmp_path_factory.mktemp("int8")
     proc = run_qsweep(*tiny_overrides(tiny_dirs), "plan=int8", "eval.max_tokens=300", tmp_path=tmp_path)
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json_line(proc), tmp_path / "run"
+
+
+def test_one_json_line_with_the_contract_keys(int8_run):
+    row, run_dir = int8_run
     assert set(row) >= KEYS
     assert row["split"] == "test" and row["error"] is None
-    assert row["model_size_bytes"] < row["baseline_size_bytes"] and row["compression"] > 1.9
-    assert row["fitness"] == pytest.approx(row["compression"] - 10 * max(0.0, row["degradation"]))
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["perplexity"] == row["perplexity"]
-    lo, hi = row["degradation_ci95"]
-    assert lo <= row["degradation"] <= hi
+    assert row["model_size_bytes"] < row["baseline_size_bytes"] and row["compression_seed"] > 1.9
+    assert row["compression_packed"] < row["compression_seed"]  # per-tensor scales cost a few bytes
+    penalty = 10 * max(0.0, row["degradation"])
+    assert row["fitness_seed"] == pytest.approx(row["compression_seed"] - penalty)
+    assert row["fitness_packed"] == pytest.approx(row["compression_packed"] - penalty)
+    assert json.loads((run_dir / "results.json").read_text())["perplexity"] == row["perplexity"]
+    # a real interval (int8 moves every window differently), about this plan against this baseline: centred, in
+    # log space, on the reported degradation (a swapped or mismatched pair would not be)
+    lo, hi = row["degradation_ci95_low"], row["degradation_ci95_high"]
+    assert lo < hi
+    assert (1 + lo) * (1 + hi) == pytest.approx((1 + row["degradation"]) ** 2, rel=1e-9)
 
 
 def test_cli_number_equals_the_library(tmp_path, tiny_dirs):
     overrides = [*tiny_overrides(tiny_dirs), "plan=attn0_mlp123", "split=validation"]
-    row = json.loads(run_qsweep(*overrides, tmp_path=tmp_path).stdout.strip().splitlines()[-1])
+    row = last_json_line(run_qsweep(*overrides, tmp_path=tmp_path))
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, f"data.cache_dir={tmp_path / 'cache'}"])
@@ -64,11 +90,36 @@ def test_cli_number_equals_the_library(tmp_path, tiny_dirs):
     assert row["perplexity"] == score.perplexity and row["eval_tokens"] == score.result.n_tokens
 
 
-def test_fp16_plan_against_fp16_baseline_is_zero_degradation(tmp_path, tiny_dirs):
-    row = json.loads(
-        run_qsweep(*tiny_overrides(tiny_dirs), tmp_path=tmp_path).stdout.strip().splitlines()[-1]
-    )
-    assert row["degradation"] == 0.0 and row["compression"] == 1.0
+def independent_perplexity(tiny_dirs, formats, max_tokens: int) -> float:
+    """Perplexity of the tiny model with each unit in ``formats(unit name)``, outside the session and the CLI."""
+    model_dir, corpus = tiny_dirs
+    cfg = model_cfg("gpt2", path=str(model_dir))
+    model = load_model(cfg)
+    table = unit_table(model, cfg)
+    apply_plan_(model, Plan({u: formats(u) for u in table.names}), table)
+    text = (corpus / "test.txt").read_text()
+    ids = torch.tensor(load_tokenizer(cfg)(text, verbose=False)["input_ids"][:max_tokens])
+    return Evaluator(ids, 32, 16, batch_size=8, device="cpu").evaluate(model).perplexity
+
+
+def test_degradation_is_paired_against_a_real_fp16_evaluation(tmp_path, tiny_dirs, int8_run):
+    fp16 = independent_perplexity(tiny_dirs, lambda u: "fp16", 300)
+    fp32 = independent_perplexity(tiny_dirs, lambda u: "fp32", 300)
+    int8 = independent_perplexity(tiny_dirs, lambda u: "fp32" if "ln" in u else "int8", 300)  # conf/plan/int8
+    # the three plans are told apart far beyond the tolerances below (measured: 6.8e-6 and 3.8e-4)
+    assert abs(fp16 / fp32 - 1) > 1e-7 and abs(int8 / fp16 - 1) > 1e-5
+    row, _ = int8_run
+    assert row["baseline_perplexity"] == pytest.approx(fp16, rel=1e-12)  # the fp16 baseline, not fp32
+    assert row["perplexity"] == pytest.approx(int8, rel=1e-12)
+    assert row["degradation"] == pytest.approx(int8 / fp16 - 1, rel=1e-9)
+    # the same plan as the baseline, written differently (a seed plan file: every parameter 16 bits)
+    plan = tmp_path / "all16.json"
+    plan.write_text(json.dumps({"transformer": 16}))
+    row = last_json_line(run_qsweep(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "eval.max_tokens=300",
+                                    tmp_path=tmp_path))  # fmt: skip
+    assert row["perplexity"] == pytest.approx(fp16, rel=1e-12) and row["degradation"] == 0.0
+    assert row["compression_seed"] == row["compression_packed"] == 1.0
+    assert row["degradation_ci95_low"] == row["degradation_ci95_high"] == 0.0
 
 
 def test_plan_file_and_pinned_baseline(tmp_path, tiny_dirs):
@@ -76,10 +127,10 @@ def test_plan_file_and_pinned_baseline(tmp_path, tiny_dirs):
     plan.write_text(json.dumps({"mlp": 4, "attn": 8, "wte": 16}))
     proc = run_qsweep(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "baseline.perplexity=100.0",
                       "baseline.size_bytes=1000000", tmp_path=tmp_path)  # fmt: skip
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    row = last_json_line(proc)
     assert row["baseline_perplexity"] == 100.0 and row["baseline_size_bytes"] == 1_000_000
     assert set(row["bit_histogram"]) == {"int4", "int8", "fp16", "fp32"}  # wpe and LayerNorms unmatched: fp32
-    assert row["degradation_ci95"] is None  # no paired baseline when it is pinned
+    assert row["degradation_ci95_low"] is None and row["degradation_ci95_high"] is None  # no paired baseline
 
 
 @pytest.mark.parametrize(("override", "message"), [

@@ -10,14 +10,19 @@ from conftest import model_cfg, tiny_model
 
 from qsweep.apply import apply_plan_
 from qsweep.evaluate import Evaluator, sliding_windows
-from qsweep.metrics import compression, degradation, fitness, paired_degradation_ci
+from qsweep.metrics import degradation, paired_degradation_ci
 from qsweep.model import unit_table
 from qsweep.plan import Plan
 
 
-def reference_perplexity(model, ids: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
-    """The HF guide's loop written for clarity: full logits, one window at a time, label shift by hand."""
-    nll_sum, n_scored, prev_end = 0.0, 0, 0
+def reference_perplexity(
+    model, ids: torch.Tensor, context: int, stride: int
+) -> tuple[float, int, list[float]]:
+    """The HF guide's loop written for clarity: full logits, one window at a time, label shift by hand.
+
+    Returns the perplexity, the number of scored tokens and the NLL of each window that scores a token.
+    """
+    nll_sum, n_scored, prev_end, per_window = 0.0, 0, 0, []
     n = ids.numel()
     for begin in range(0, n, stride):
         end = min(begin + context, n)
@@ -30,12 +35,13 @@ def reference_perplexity(model, ids: torch.Tensor, context: int, stride: int) ->
         token_nll = -logp.gather(1, targets[:, None])[:, 0]
         k = min(trg_len, end - begin - 1)
         if k > 0:
-            nll_sum += token_nll[-k:].double().sum().item()
+            per_window.append(token_nll[-k:].double().sum().item())
+            nll_sum += per_window[-1]
             n_scored += k
         prev_end = end
         if end == n:
             break
-    return math.exp(nll_sum / n_scored), n_scored
+    return math.exp(nll_sum / n_scored), n_scored, per_window
 
 
 # (n_tokens, context, stride): stride == context, overlapping, a tail shorter than the stride, a tail of one token
@@ -48,11 +54,14 @@ PROTOCOLS = [(200, 32, 32), (200, 32, 16), (203, 32, 24), (161, 40, 40), (97, 64
 def test_fast_path_matches_reference(arch, n, context, stride, batch_size):
     model = tiny_model(arch)
     ids = torch.randint(0, 101, (n,), generator=torch.Generator().manual_seed(n))
-    ref_ppl, ref_n = reference_perplexity(model, ids, context, stride)
+    ref_ppl, ref_n, ref_windows = reference_perplexity(model, ids, context, stride)
     ev = Evaluator(ids, context, stride, batch_size=batch_size, logits_chunk=37, device="cpu")
     res = ev.evaluate(model)
     assert res.ok and res.n_tokens == ref_n
     assert res.perplexity == pytest.approx(ref_ppl, rel=1e-6)
+    # the per-window NLL the paired CI is built from: each window's own tokens, in order
+    assert res.window_nll.tolist() == pytest.approx(ref_windows, rel=1e-6)
+    assert res.nll_sum == pytest.approx(float(res.window_nll.sum()), rel=1e-12)
 
 
 @pytest.mark.parametrize(("n", "context", "stride"), [*PROTOCOLS, (1000, 256, 128), (2048, 1024, 1024)])
@@ -97,35 +106,30 @@ def test_nan_loss_is_a_failed_evaluation_not_a_crash():
     assert res.perplexity is None
 
 
-def test_int2_plan_evaluates_or_fails_cleanly():
+def test_overflowing_perplexity_is_a_failed_evaluation_not_a_crash():
+    # finite weights and a finite loss, but a mean NLL of thousands of nats: exp() of it overflows a float64
     model = tiny_model("gpt2")
-    table = unit_table(model, model_cfg("gpt2"))
-    apply_plan_(model, Plan.uniform(table, "int2"), table)
-    res = Evaluator(torch.arange(100) % 101, 32, 16, device="cpu").evaluate(model)
-    assert res.ok == (res.perplexity is not None and math.isfinite(res.perplexity))
+    with torch.no_grad():
+        model.transformer.ln_f.weight.mul_(1e5)  # logits 1e5 times larger
+    res = Evaluator(torch.arange(100) % 101, 32, 32, device="cpu").evaluate(model)
+    assert torch.isfinite(res.window_nll).all() and res.nll_sum / res.n_tokens > 710
+    assert not res.ok and res.error.startswith("perplexity overflows (mean NLL")
+    assert res.perplexity is None
 
 
-def test_fitness_matches_the_seed():
-    # the seed's champion: 141,084,672 bytes, ppl 30.00 vs pinned 28.4805 and 248,900,000 -> fitness 1.230
-    c = compression(248_900_000, 141_084_672)
-    d = degradation(30.00, 28.4805)
-    assert round(c, 3) == 1.764 and round(d, 4) == 0.0534
-    assert round(fitness(c, d), 2) == 1.23  # the seed reports 1.230 from an unrounded perplexity
-    assert fitness(2.0, -0.01) == 2.0  # improvements are not rewarded
-    assert fitness(2.0, 0.05, penalty=4) == pytest.approx(1.8)
-
-
-def test_paired_ci_contains_the_estimate_and_shrinks_with_more_windows():
+def test_paired_ci_on_real_evaluations():
     model = tiny_model("gpt2")
     table = unit_table(model, model_cfg("gpt2"))
     ids = torch.randint(0, 101, (2000,), generator=torch.Generator().manual_seed(0))
-    ev = Evaluator(ids, 32, 32, device="cpu")
-    base = ev.evaluate(model)
+    ev, short = Evaluator(ids, 32, 32, device="cpu"), Evaluator(ids[:400], 32, 32, device="cpu")
+    base, base_short = ev.evaluate(model), short.evaluate(model)
     apply_plan_(model, Plan.uniform(table, "int3"), table)
-    plan = ev.evaluate(model)
+    plan, plan_short = ev.evaluate(model), short.evaluate(model)
     lo, hi = paired_degradation_ci(plan, base)
+    # the interval is centred (in log space) on this plan's degradation vs this baseline, not the reverse
     d = degradation(plan.perplexity, base.perplexity)
-    assert lo < d < hi
-    short = Evaluator(ids[:400], 32, 32, device="cpu")
-    lo2, hi2 = paired_degradation_ci(short.evaluate(model), short.evaluate(tiny_model("gpt2")))
-    assert hi2 - lo2 > hi - lo > 0  # 5x fewer windows: a wider interval
+    assert d != 0 and math.sqrt((1 + lo) * (1 + hi)) - 1 == pytest.approx(d, rel=1e-9)
+    lo2, hi2 = paired_degradation_ci(plan_short, base_short)
+    assert hi2 - lo2 > 1.5 * (hi - lo) > 0  # 5x fewer windows: sqrt(5) wider and a larger t quantile
+    with pytest.raises(ValueError, match="same windows"):
+        paired_degradation_ci(plan, base_short)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
-from conftest import CONF
 
-from qsweep.plan import Plan, PlanError, PlanSpec, load_plan_file, plan_from_config
+from qsweep.errors import QsweepError
+from qsweep.plan import (
+    Plan,
+    PlanError,
+    PlanSpec,
+    load_plan_file,
+    named_plan_spec,
+    plan_from_config,
+    plan_names,
+)
 
 
 def test_rules_first_match_wins_then_default(gpt2_small_table):
@@ -35,8 +42,7 @@ def test_explicit_units_override_rules(gpt2_small_table):
 
 
 def test_save_load_roundtrip_yaml_and_json(tmp_path, gpt2_small_table):
-    spec = yaml.safe_load((CONF / "plan" / "attn0_mlp123.yaml").read_text())
-    plan = plan_from_config(spec, gpt2_small_table)
+    plan = plan_from_config(named_plan_spec("attn0_mlp123"), gpt2_small_table)
     for suffix in (".yaml", ".json"):
         path = plan.save(tmp_path / f"p{suffix}")
         loaded = load_plan_file(path, gpt2_small_table)
@@ -59,9 +65,7 @@ def test_seed_plan_format(tmp_path, gpt2_small_table):
     path = tmp_path / "seed.json"
     path.write_text(json.dumps(seed))
     plan = load_plan_file(path, gpt2_small_table)
-    ours = plan_from_config(
-        yaml.safe_load((CONF / "plan" / "attn0_mlp123.yaml").read_text()), gpt2_small_table
-    )
+    ours = plan_from_config(named_plan_spec("attn0_mlp123"), gpt2_small_table)
     assert plan == ours  # LayerNorms unmatched -> fp32, as the seed does
 
 
@@ -88,17 +92,17 @@ def test_histogram(gpt2_small_table):
         ({"default": "int5"}, r"plan: default: unknown format 'int5'.*valid formats: fp32"),
         (
             {"default": "int8", "rules": [{"pattern": "h\\.99\\.mlp", "format": "fp16"}]},
-            r"rule pattern 'h\\\\.99\\\\.mlp' matches no unit",
+            r"^plan: rule pattern 'h\\\\.99\\\\.mlp' matches no unit \(did you mean h.9.mlp, h.8.mlp or h.7.mlp\?\)$",
         ),
         (
             {"default": "int8", "units": {"h.0.atn": "fp16"}},
-            r"unknown unit 'h.0.atn' \(close matches: h.0.attn",
+            r"^plan: unknown unit 'h.0.atn' \(did you mean h.0.attn, h.10.attn or h.9.attn\?\)$",
         ),
         (
             {"rules": [{"pattern": "wte", "format": "fp16"}]},
             r"unit 'wpe' matches no rule and the plan has no default",
         ),
-        ({"defualt": "int8"}, r"unknown plan key 'defualt' \(close matches: default\)"),
+        ({"defualt": "int8"}, r"unknown plan key 'defualt' \(did you mean default\?\)"),
         (
             {"default": "int8", "rules": [{"pattern": "(", "format": "fp16"}]},
             r"rule 0 pattern '\(' is not a valid regex",
@@ -137,3 +141,47 @@ def test_bad_plan_files_give_one_clear_line(tmp_path, name, text, message, gpt2_
 def test_missing_plan_file(tmp_path, gpt2_small_table):
     with pytest.raises(PlanError, match=r"cannot be read"):
         load_plan_file(tmp_path / "nope.yaml", gpt2_small_table)
+
+
+def test_plan_errors_are_user_errors():
+    assert issubclass(PlanError, QsweepError) and issubclass(PlanError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"default": "int8", "rules": "wte"}, r"^plan: expected a list of \{pattern, format\} mappings"),
+        (
+            {"default": "int8", "rules": [{"pattern": "wte", "format": "int9"}]},
+            r"^plan: rule 0: unknown format 'int9' \(did you mean .*int8.*\?\); valid formats: fp32",
+        ),
+    ],
+)
+def test_bad_rules_name_the_rule(raw, message, gpt2_small_table):
+    with pytest.raises(PlanError, match=message):
+        plan_from_config(raw, gpt2_small_table)
+
+
+def test_shadowed_rule_is_not_unused(gpt2_small_table):
+    """Only a rule matching no unit at all is an error; one that earlier rules or explicit units shadow is not."""
+    spec = {
+        "default": "int8",
+        "rules": [{"pattern": "w.e", "format": "fp16"}, {"pattern": "wte", "format": "int4"}],
+        "units": {"wpe": "fp32"},
+    }
+    plan = plan_from_config(spec, gpt2_small_table)
+    assert plan["wte"] == "fp16" and plan["wpe"] == "fp32" and plan["h.0.mlp"] == "int8"
+
+
+def test_named_plan_catalogue(gpt2_small_table):
+    assert set(plan_names()) >= {"fp16", "int8", "attn0_mlp123", "all_int8_attn", "emb_int8_first4"}
+    plan = plan_from_config(named_plan_spec("attn0_mlp123"), gpt2_small_table)
+    assert plan["h.2.mlp"] == "fp16" and plan["h.11.attn"] == "fp16" and plan["h.0.ln_1"] == "fp32"
+    assert plan["h.0.attn"] == "int8"
+    with pytest.raises(
+        PlanError,
+        match=r"^unknown plan name 'atn0_mlp123' \(did you mean attn0_mlp123.*\?\); shipped plans: all_int8_attn, ",
+    ):
+        named_plan_spec("atn0_mlp123")
+    with pytest.raises(PlanError, match=r"unknown plan name '\.\./model/gpt2'"):  # names, never paths
+        named_plan_spec("../model/gpt2")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import yaml
-from conftest import CONF
 
-from qsweep.plan import Plan, plan_from_config
+from qsweep.plan import Plan, named_plan_spec, plan_from_config, plan_names
 from qsweep.size import bits_per_param, model_size_bytes, packed_size_bytes
 
 SEED_SIZES = {
@@ -21,7 +19,7 @@ SEED_SIZES = {
 
 
 def _named(name, table):
-    return plan_from_config(yaml.safe_load((CONF / "plan" / f"{name}.yaml").read_text()), table)
+    return plan_from_config(named_plan_spec(name), table)
 
 
 @pytest.mark.parametrize(("name", "size"), SEED_SIZES.items())
@@ -37,7 +35,7 @@ def test_champion_compression_vs_pinned_baseline(gpt2_small_table):
 
 
 def test_every_named_plan_ships(gpt2_small_table):
-    assert {p.stem for p in (CONF / "plan").glob("*.yaml")} >= set(SEED_SIZES)
+    assert set(plan_names()) >= set(SEED_SIZES)
 
 
 def test_packed_size_adds_scales(gpt2_small_table):

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import model_cfg, tiny_model
 
+from qsweep.errors import ConfigError, QsweepError
 from qsweep.model import meta_model, unit_rules, unit_table
-from qsweep.units import discover_units
+from qsweep.units import UnitError, UnitRule, discover_units
 
 ARCHS = ["gpt2", "opt", "llama"]
 
@@ -80,7 +81,7 @@ def test_meta_model_has_no_storage():
 def test_unclaimed_parameter_is_named():
     model = tiny_model("gpt2")
     rules = [r for r in unit_rules(model_cfg("gpt2")) if r["unit"] != "ln_f"]
-    with pytest.raises(ValueError, match=r"parameter 'transformer\.ln_f\.weight' is claimed by no unit rule"):
+    with pytest.raises(UnitError, match=r"parameter 'transformer\.ln_f\.weight' is claimed by no unit rule"):
         discover_units(model, rules)
 
 
@@ -88,13 +89,48 @@ def test_doubly_claimed_parameter_is_named():
     model = tiny_model("gpt2")
     rules = [*unit_rules(model_cfg("gpt2")), {"pattern": r"transformer\.wpe\..+", "unit": "pos"}]
     with pytest.raises(
-        ValueError, match=r"parameter 'transformer\.wpe\.weight' is claimed by several unit rules"
+        UnitError,
+        match=r"^parameter 'transformer\.wpe\.weight' is matched by more than one unit rule: "
+        r"'transformer\\\\.wpe\\\\.weight', 'transformer\\\\.wpe\\\\..\+'$",
     ):
         discover_units(model, rules)
 
 
 def test_unknown_granularity_lists_valid_ones():
     with pytest.raises(
-        ValueError, match=r"unknown model.granularity 'blocks'.*valid: component, linear, block"
+        ConfigError,
+        match=r"^unknown model.granularity 'blocks' \(did you mean block\?\); valid: component, linear, block$",
     ):
         unit_rules(model_cfg("gpt2", granularity="blocks"))
+
+
+@pytest.mark.parametrize(
+    ("rules", "message"),
+    [
+        ([], r"no unit rules given"),
+        ([{"pattern": "(", "unit": "x"}], r"^unit rule 0 pattern '\(' is not a valid regex"),
+        ([{"pattern": ".*", "name": "x"}], r"^unit rule 0 must be a mapping with keys 'pattern' and 'unit'"),
+        ([{"pattern": r"transformer\.(\w+)\..*", "unit": r"\2"}],
+         r"unit rule 0 \('transformer.*'\): unit name template '\\\\2' does not fit the pattern's groups"),
+    ],
+)  # fmt: skip
+def test_bad_unit_rules_give_one_line(rules, message):
+    with pytest.raises(UnitError, match=message) as info:
+        discover_units(tiny_model("gpt2"), rules)
+    assert isinstance(info.value, QsweepError) and "\n" not in str(info.value)
+
+
+def test_unit_rules_may_claim_nothing_and_templates_use_groups():
+    """Rules serve a model family: one matching no parameter (an untied lm_head) is fine; groups name units."""
+    model = tiny_model("gpt2")
+    rules = [
+        UnitRule(r"transformer\.h\.(\d+)\.(\w+)\..+", r"block\1.\2"),
+        UnitRule(r"(transformer\.)?(\w+)\.weight|transformer\.ln_f\.bias", "rest"),
+        UnitRule(r"decoder\..+", "never"),
+    ]
+    table = discover_units(model, rules)
+    assert table.names == ["rest", "block0.ln_1", "block0.attn", "block0.ln_2", "block0.mlp", "block1.ln_1",
+                           "block1.attn", "block1.ln_2", "block1.mlp"]  # fmt: skip
+    assert [p.name for p in table["rest"].params] == [
+        "transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"
+    ]  # fmt: skip

@@ -25,7 +25,7 @@ from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator, resolve_device, sliding_windows
 from qsweep.model import unit_table
 from qsweep.paths import config_dir
-from qsweep.plan import plan_from_config
+from qsweep.plan import named_plan_spec, plan_from_config
 
 
 def _sync(device: torch.device) -> None:
@@ -129,8 +129,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # plan switching on the same model
     table = unit_table(model, yaml.safe_load((config_dir() / "model" / "gpt2.yaml").read_text()))
-    plans = [plan_from_config(yaml.safe_load((config_dir() / "plan" / f"{p}.yaml").read_text()), table)
-             for p in ("attn0_mlp123", "int8")]  # fmt: skip
+    plans = [plan_from_config(named_plan_spec(p), table) for p in ("attn0_mlp123", "int8")]
     plans.append(
         plan_from_config({"default": "int4_g128", "rules": [{"pattern": ".*ln.*", "format": "fp32"}]}, table)
     )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Mapping
 
 import optuna
+
+from qsweep.errors import ConfigError, did_you_mean
 
 __all__ = ["SAMPLERS", "make_sampler"]
 
@@ -21,13 +22,13 @@ _SUPPORTS_CONSTRAINTS = {"nsga2", "tpe", "gp"}
 def make_sampler(name: str, seed: int, options: Mapping | None = None, constraints_func=None):
     """Build sampler ``name`` with ``seed`` and its options from the search config."""
     if name not in SAMPLERS:
-        close = difflib.get_close_matches(str(name), SAMPLERS, n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ValueError(f"unknown search.sampler {name!r}{hint}; valid: {', '.join(SAMPLERS)}")
+        raise ConfigError(
+            f"unknown search.sampler {name!r}{did_you_mean(name, SAMPLERS)}; valid: {', '.join(SAMPLERS)}"
+        )
     kwargs = dict(options or {})
     if constraints_func is not None and name in _SUPPORTS_CONSTRAINTS:
         kwargs["constraints_func"] = constraints_func
     try:
         return SAMPLERS[name](seed=seed, **kwargs)
     except TypeError as e:
-        raise ValueError(f"bad search.sampler_options for {name}: {e}") from None
+        raise ConfigError(f"bad search.sampler_options for {name}: {e}") from None

@@ -1,21 +1,34 @@
 """The search space: which formats each unit may take (the precision menu), built in code from the units.
 
-A precision menu (conf/precision/*.yaml) is an ordered list of ``{pattern, formats}`` entries; each unit takes the
-formats of the first pattern that ``re.fullmatch``-es its name. Units with one option are fixed; every other unit
-is one categorical parameter (named after the unit) in the Optuna search space.
+A precision menu (conf/precision/*.yaml) is an ordered list of ``{pattern, formats}`` entries, read by
+:class:`qsweep.rules.OrderedRules`: each unit takes the formats of the first pattern that ``re.fullmatch``-es its
+name. Entries that match no unit are allowed (one menu serves several model families); a unit that no entry
+matches is an error. Units with one option are fixed; every other unit is one categorical parameter (named after
+the unit) in the Optuna search space.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from qsweep.errors import ConfigError
 from qsweep.formats import get_format
 from qsweep.plan import Plan, PlanError
+from qsweep.rules import OrderedRules
 from qsweep.units import UnitTable
 
 __all__ = ["SearchSpace"]
+
+
+def _menu_formats(raw, where: str) -> tuple[str, ...]:
+    """A menu entry's ``formats``: a non-empty list of registered format names (duplicates dropped, order kept)."""
+    if isinstance(raw, str) or not isinstance(raw, Sequence) or not raw:
+        raise PlanError(f"{where}: 'formats' must be a non-empty list of format names, got {raw!r}")
+    try:
+        return tuple(dict.fromkeys(get_format(f).name for f in raw))
+    except ConfigError as e:
+        raise PlanError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -26,33 +39,17 @@ class SearchSpace:
 
     @classmethod
     def from_menu(cls, table: UnitTable, menu: Sequence[Mapping]) -> SearchSpace:
-        entries = []
-        for i, entry in enumerate(menu):
-            if not isinstance(entry, Mapping) or set(entry) != {"pattern", "formats"}:
-                raise PlanError(
-                    f"precision menu entry {i} must have exactly the keys 'pattern' and 'formats'"
-                )
-            try:
-                rx = re.compile(str(entry["pattern"]))
-            except re.error as e:
-                raise PlanError(
-                    f"precision menu entry {i}: pattern {entry['pattern']!r} is invalid: {e}"
-                ) from None
-            fmts = []
-            for f in entry["formats"] or []:
-                try:
-                    fmts.append(get_format(f).name)
-                except ValueError as e:
-                    raise PlanError(f"precision menu entry {i}: {e}") from None
-            entries.append((rx, tuple(dict.fromkeys(fmts))))
+        rules = OrderedRules.from_config(
+            menu, "formats", what="precision menu entry", error=PlanError, convert=_menu_formats
+        )
         choices = {}
         for name in table.names:
-            match = next((fmts for rx, fmts in entries if rx.fullmatch(name)), None)
-            if not match:
+            hit = rules.first(name)
+            if hit is None:
                 raise PlanError(
                     f"the precision menu leaves unit {name!r} no format (add a pattern that matches it)"
                 )
-            choices[name] = match
+            choices[name] = hit.value
         return cls(choices)
 
     @property
