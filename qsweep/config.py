@@ -32,6 +32,8 @@ class ModelConfig:
     path: str | None = None  # local directory (wins over name)
     revision: str | None = None
     trust_remote_code: bool = False
+    # Pickle weights (pytorch_model.bin) can run code when loaded: refused unless set (safetensors is the default).
+    allow_pickle: bool = False
     granularity: str = "component"
     units: dict[str, list[dict[str, str]]] = MISSING
 
