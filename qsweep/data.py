@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qsweep.errors import first_line
+from qsweep.errors import QsweepError, first_line
 
 __all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 SOURCES = ("hf", "text", "bundled")
 
 
-class DataLoadError(RuntimeError):
+class DataLoadError(QsweepError, RuntimeError):
     """A corpus cannot be read; the message says what to pass instead."""
 
 
@@ -54,6 +55,24 @@ def _hf_text(cfg: Mapping, split: str) -> str:
     return str(cfg.get("joiner", "\n\n")).join(ds[field])
 
 
+def _read_utf8(f: Path) -> str:
+    """The text of ``f``; a file that is not UTF-8 text (or holds NUL bytes: binary) is a one-line error."""
+    raw = f.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataLoadError(
+            f"data.path: {str(f)!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"pass a UTF-8 text file (convert it with iconv, or extract the text of a binary document first)"
+        ) from None
+    if "\0" in text:
+        raise DataLoadError(
+            f"data.path: {str(f)!r} looks binary (NUL byte at offset {text.index(chr(0))}); pass a UTF-8 "
+            f"text file"
+        )
+    return text
+
+
 def _file_text(path: Path, split: str) -> str:
     if path.is_dir():
         f = path / f"{split}.txt"
@@ -62,13 +81,13 @@ def _file_text(path: Path, split: str) -> str:
             raise DataLoadError(
                 f"data.path={str(path)!r} has no {split}.txt (splits found: {', '.join(have) or 'none'})"
             )
-        return f.read_text(encoding="utf-8")
+        return _read_utf8(f)
     if not path.is_file():
         raise DataLoadError(
             f"data.path={str(path)!r} is neither a text file nor a directory of <split>.txt files"
         )
     log.warning("data.path=%s is one file: every split (search and report) reads the same text", path)
-    return path.read_text(encoding="utf-8")
+    return _read_utf8(path)
 
 
 def corpus_text(cfg: Mapping, split: str) -> str:
@@ -121,10 +140,40 @@ def load_token_ids(cfg: Mapping, split: str, tokenizer) -> torch.Tensor:
         raise DataLoadError(f"split {split!r} of the corpus is empty")
     path = cache_path(cfg.get("cache_dir") or "~/.cache/qsweep", tokenizer, text, split)
     if path.is_file():
-        return load_file(path)["ids"]
+        ids = _read_cache(path)
+        if ids is not None:
+            return ids
     ids = _tokenize(tokenizer, text)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({"ids": ids}, tmp, metadata={"split": split, "n_tokens": str(ids.numel())})
-    os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"ids": ids}, tmp, metadata={"split": split, "n_tokens": str(ids.numel())})
+        os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
+    except OSError as e:
+        raise DataLoadError(
+            f"cannot write the token cache {str(path)!r} ({first_line(e)}); set data.cache_dir (or QSWEEP_CACHE) "
+            f"to a writable directory"
+        ) from None
     return ids
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    """The cached ids, or None after deleting a cache file that is unreadable (truncated, corrupt, foreign)."""
+    try:
+        ids = load_file(path).get("ids")
+        if ids is not None and ids.dim() == 1 and ids.dtype == torch.int64:
+            return ids
+        problem = "it holds no 1-D int64 tensor 'ids'"
+    except (SafetensorError, OSError) as e:
+        problem = first_line(e)
+    log.warning(
+        "token cache %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", path, problem
+    )
+    try:
+        path.unlink()
+    except OSError as e:
+        raise DataLoadError(
+            f"the token cache {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
+            f"delete it by hand or set data.cache_dir to another directory"
+        ) from None
+    return None
