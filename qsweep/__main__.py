@@ -1,4 +1,9 @@
-"""`python -m qsweep`: the Hydra entry point. It composes the config and delegates (qsweep.app)."""
+"""`python -m qsweep`: the Hydra entry point. It composes the config and delegates (qsweep.app).
+
+A :class:`~qsweep.errors.QsweepError` (bad config, plan, model, data or storage: something the user fixes) is
+printed as one line ``qsweep: error: ...`` on stderr with exit status 2; any other exception is a bug and keeps its
+traceback. ``python -m qsweep --help`` prints the app help of conf/hydra/help/qsweep.yaml.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from qsweep.config import register_configs
-from qsweep.data import DataLoadError
-from qsweep.model import ModelLoadError
+from qsweep.errors import QsweepError
 from qsweep.paths import config_dir
-from qsweep.plan import PlanError
 
 register_configs()
 
-# Errors a user fixes by changing their input: reported as one line, no traceback.
-USER_ERRORS = (PlanError, ModelLoadError, DataLoadError, ValueError, FileNotFoundError)
+# Errors a user fixes by changing their input: reported as one line, no traceback. Only the project's own type:
+# a ValueError or FileNotFoundError from a bug must keep its traceback.
+USER_ERRORS = (QsweepError,)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user error (a message that spans lines is joined: one error, one line)."""
+    return "qsweep: error: " + " ".join(line.strip() for line in str(err).strip().splitlines())
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
@@ -31,7 +40,7 @@ def main(cfg: DictConfig) -> None:
     try:
         row = run_search(cfg, out_dir) if cfg.search is not None else evaluate_one(cfg, out_dir)
     except USER_ERRORS as e:
-        print(f"qsweep: error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

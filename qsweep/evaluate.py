@@ -16,6 +16,7 @@ default) or bf16/fp16 autocast (GPU); ``compile`` wraps the base model in ``torc
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -23,9 +24,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["COMPUTE_DTYPES", "EvalResult", "Evaluator", "Window", "resolve_device", "sliding_windows"]
+from qsweep.errors import ConfigError
+
+__all__ = [
+    "CI_MIN_TOKENS",
+    "CI_MIN_WINDOWS",
+    "COMPUTE_DTYPES",
+    "DEVICES",
+    "MIN_SCORED_TOKENS",
+    "EvalResult",
+    "Evaluator",
+    "Window",
+    "resolve_device",
+    "sliding_windows",
+]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+# Sample size of one evaluation. Below MIN_SCORED_TOKENS a perplexity is refused (a handful of tokens measures
+# nothing); below CI_MIN_TOKENS or CI_MIN_WINDOWS it is warned about: the paired CI treats windows as samples, and
+# a spread over one to three windows is not an interval worth reporting.
+MIN_SCORED_TOKENS = 32
+CI_MIN_TOKENS = 100
+CI_MIN_WINDOWS = 4
 
 
 @dataclass(frozen=True)
@@ -38,11 +60,13 @@ class Window:
 def sliding_windows(n_tokens: int, context: int, stride: int) -> list[Window]:
     """The HF guide's windows over ``n_tokens`` ids (see module docstring)."""
     if context < 2:
-        raise ValueError(f"eval.context must be >= 2, got {context}")
+        raise ConfigError(f"eval.context must be >= 2, got {context} (null: the model's maximum)")
     if not 1 <= stride <= context:
-        raise ValueError(f"eval.stride must be in [1, context={context}], got {stride}")
+        raise ConfigError(
+            f"eval.stride must be in [1, context={context}], got {stride} (null: stride = context)"
+        )
     if n_tokens < 2:
-        raise ValueError(f"need at least 2 tokens to score one, got {n_tokens}")
+        raise ConfigError(f"need at least 2 tokens to score one, got {n_tokens}")
     windows, prev_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
@@ -79,10 +103,31 @@ class EvalResult:
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto`` (or None): CUDA when available, else CPU; anything else as ``torch.device`` reads it."""
+    """``auto`` (or None): CUDA when available, else CPU; else one of :data:`DEVICES`, which must exist here.
+
+    Raises :class:`ConfigError` naming ``eval.device`` for an unknown name or a device this machine lacks.
+    """
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    text = str(name)
+    if not _DEVICE_RE.fullmatch(text):
+        raise ConfigError(f"unknown eval.device {text!r}; valid: {DEVICES}")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no usable GPU or driver"
+            raise ConfigError(
+                f"eval.device={text} but CUDA is not available here ({build}, torch {torch.__version__}); "
+                f"use eval.device=auto or eval.device=cpu"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"eval.device={text} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"eval.device={text} but MPS is not available here; use eval.device=auto or cpu")
+    return device
 
 
 @dataclass
@@ -110,13 +155,13 @@ class Evaluator:
         compile: bool = False,
     ):
         if dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
+            raise ConfigError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
         self.device = resolve_device(device)
         # measured: CPUs prefer logits that stay in cache, GPUs fewer and larger matmuls
         if logits_chunk is None:
             logits_chunk = 4096 if self.device.type == "cuda" else 1024
         if batch_size < 1 or logits_chunk < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"eval.batch_size and eval.logits_chunk must be >= 1, got {batch_size}, {logits_chunk}"
             )
         self.dtype = dtype
