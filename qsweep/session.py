@@ -17,7 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from qsweep.apply import PlanApplier
 from qsweep.data import load_token_ids
-from qsweep.evaluate import EvalResult, Evaluator, resolve_device
+from qsweep.errors import ConfigError
+from qsweep.evaluate import (
+    CI_MIN_TOKENS,
+    CI_MIN_WINDOWS,
+    MIN_SCORED_TOKENS,
+    EvalResult,
+    Evaluator,
+    resolve_device,
+)
+from qsweep.families import resolve_for_model
 from qsweep.metrics import compression, degradation, fitness, paired_degradation_ci
 from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.paths import config_dir
@@ -40,6 +49,21 @@ def named_plan_spec(name: str) -> dict:
 
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+# what a null protocol integer means, for the messages that refuse 0
+_NULL = {"context": "the model's maximum", "stride": "= context", "max_tokens": "the whole split"}
+
+
+def _plan_source() -> str:
+    """``plan=NAME`` when Hydra composed the config (its choice of the plan group), else ``plan``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("plan")
+        if choice:
+            return f"plan={choice}"
+    return "plan"
 
 
 @dataclass
@@ -114,45 +138,92 @@ class EvalSession:
         self.model_cfg = _plain(cfg["model"])
         self.data_cfg = _plain(cfg["data"])
         self.eval_cfg = _plain(cfg["eval"])
+        # config errors first, before minutes of loading: device, then the protocol's integers
         self.device = resolve_device(self.eval_cfg.get("device"))
+        for key, low in (("context", 2), ("stride", 1), ("max_tokens", 1)):
+            value = self.eval_cfg.get(key)
+            if value is not None and int(value) < low:
+                raise ConfigError(f"eval.{key} must be >= {low} or null, got {value} (null: {_NULL[key]})")
         self.model = load_model(self.model_cfg, self.device)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.table = unit_table(self.model, self.model_cfg)
+        self.context  # noqa: B018 - validates eval.context against the model's positions now, not at the first split
         self.applier = PlanApplier(self.model, self.table)
         self._evaluators: dict[str, Evaluator] = {}
         self._baseline: dict[str, EvalResult] = {}
         bcfg = _plain(cfg.get("baseline") or {})
-        self.baseline_plan = plan_from_config(
-            named_plan_spec(bcfg.get("plan", "fp16")), self.table, "baseline plan"
+        self.baseline_plan = resolve_for_model(
+            named_plan_spec(bcfg.get("plan", "fp16")), self.table, f"baseline.plan={bcfg.get('plan', 'fp16')}"
         )
+        # a single-plan run whose plan does not fit this model fails now, saying why (see qsweep.families)
+        if cfg.get("search") is None and not cfg.get("plan_file") and cfg.get("plan") is not None:
+            resolve_for_model(_plain(cfg["plan"]), self.table, _plan_source())
         self.pinned_perplexity = bcfg.get("perplexity")
         self.baseline_size_bytes = bcfg.get("size_bytes") or model_size_bytes(self.table, self.baseline_plan)
         self.penalty = float(cfg.get("penalty", 10.0))
 
     @property
     def context(self) -> int:
+        """``eval.context``, or the model's maximum positions when null; longer than the model's is refused."""
         ctx = self.eval_cfg.get("context")
-        if ctx:
-            return int(ctx)
         conf = self.model.config
-        return int(getattr(conf, "n_positions", None) or conf.max_position_embeddings)
+        key = "n_positions" if getattr(conf, "n_positions", None) else "max_position_embeddings"
+        limit = getattr(conf, key, None)
+        if ctx is None:
+            if not limit:
+                raise ConfigError("the model's config names no maximum positions: set eval.context=N")
+            return int(limit)
+        if limit and int(ctx) > int(limit):
+            raise ConfigError(
+                f"eval.context={ctx} is longer than the model's {limit} positions (config {key}); "
+                f"use eval.context<={limit} or null (the model's maximum)"
+            )
+        return int(ctx)
 
     def evaluator(self, split: str) -> Evaluator:
         if split not in self._evaluators:
             ids = load_token_ids(self.data_cfg, split, self.tokenizer)
-            if self.eval_cfg.get("max_tokens"):
+            if self.eval_cfg.get("max_tokens") is not None:
                 ids = ids[: int(self.eval_cfg["max_tokens"])]
             e = self.eval_cfg
+            stride = self.context if e.get("stride") is None else int(e["stride"])
+            where = (
+                f"split {split!r} of data.path={self.data_cfg['path']!r}"
+                if self.data_cfg.get("path")
+                else f"split {split!r} of data={self.data_cfg.get('name')}"
+            )
+            protocol = (
+                f"eval.context={self.context}, eval.stride={stride}, eval.max_tokens={e.get('max_tokens')}"
+            )
+            if ids.numel() <= MIN_SCORED_TOKENS:
+                raise ConfigError(
+                    f"{where} has {ids.numel()} tokens ({protocol}): at least {MIN_SCORED_TOKENS + 1} are needed "
+                    f"to measure a perplexity; use a longer corpus or a larger eval.max_tokens"
+                )
             self._evaluators[split] = Evaluator(
                 ids,
                 self.context,
-                int(e.get("stride") or self.context),
+                stride,
                 batch_size=int(e.get("batch_size", 8)),
                 dtype=e.get("dtype", "fp32"),
                 logits_chunk=e.get("logits_chunk"),
                 device=self.device,
                 compile=bool(e.get("compile", False)),
             )
+            ev = self._evaluators[split]
+            if ev.n_tokens < MIN_SCORED_TOKENS:
+                del self._evaluators[split]
+                raise ConfigError(
+                    f"{where} gives {ev.n_tokens} scored tokens ({protocol}): at least {MIN_SCORED_TOKENS} are "
+                    f"needed to measure a perplexity; use a longer corpus or a smaller eval.stride"
+                )
+            if ev.n_tokens < CI_MIN_TOKENS or len(ev.windows) < CI_MIN_WINDOWS:
+                log.warning(
+                    "%s gives only %d scored tokens in %d windows (%s): its perplexity is noisy and the "
+                    "degradation CI needs >= %d tokens in >= %d windows; use more text (data.path, "
+                    "eval.max_tokens) or shorter windows (eval.context, eval.stride)",
+                    where, ev.n_tokens, len(ev.windows), protocol, CI_MIN_TOKENS, CI_MIN_WINDOWS,
+                )  # fmt: skip
         return self._evaluators[split]
 
     def resolve_plan(self, plan_cfg=None, plan_file: str | Path | None = None) -> Plan:
