@@ -154,3 +154,17 @@ def test_offline_hub_model_names_the_fix(tmp_path):
     proc = run_qsweep("model=gpt2", "data=text", f"data.path={tmp_path}", tmp_path=tmp_path, check=False)
     assert proc.returncode == 2
     assert "pass a local copy with model.path=DIR" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_help_describes_the_tool_not_hydra():
+    proc = subprocess.run([sys.executable, "-m", "qsweep", "--help"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.startswith("qsweep: search mixed-precision quantization plans for causal language models.")
+    assert "powered by Hydra" not in out
+    commands = ("python -m qsweep plan=int8", "+search=nsga2", "-m +search=nsga2,tpe")
+    groups = ("model: gpt2, llama, opt, tiny", "search: gp, nsga2, random, tpe")
+    results = ("outputs/<date>/<time>/", "results.json", "pareto.csv", "study.db")
+    for needle in (*commands, *groups, *results):
+        assert needle in out, needle
