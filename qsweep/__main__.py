@@ -33,8 +33,7 @@ def error_line(err: BaseException) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
-    from qsweep.app import evaluate_one
-    from qsweep.search.study import run_search
+    from qsweep.app import evaluate_one, run_search
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

@@ -1,16 +1,54 @@
-"""What `python -m qsweep` does once Hydra has composed the config: evaluate one plan, or run a search."""
+"""What `python -m qsweep` does once Hydra has composed the config: evaluate one plan, or run a search.
+
+The flow of a search (each step a module that returns values to this one; none calls back into its caller)::
+
+    search_config(cfg.search)                     validate every setting before anything is stored
+    EvalSession(cfg)                              model, units, token ids, evaluators, baseline
+    SearchSpace.from_menu(units, menu)            one categorical parameter per searchable unit
+    Objective(space, score on the search split)   plan -> score -> trial values, record, constraint
+    open_study(...) / optimize(...)               storage, identity, enqueued plans, n_trials in total
+    candidates(trials) / verify(score on report)  Pareto set or top-k, re-scored on the held-out split
+    write_reports(...)                            results.json, pareto.csv, best_plan.yaml, pareto.png
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import shlex
+import signal
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from qsweep.report import candidate_entry, write_reports
+from qsweep.score import PlanScore, size_key
+from qsweep.search.config import search_config
+from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
+from qsweep.search.samplers import make_sampler
+from qsweep.search.select import (
+    Candidate,
+    Verified,
+    candidates,
+    evaluated_trials,
+    paired_fitness_difference,
+    verify,
+)
+from qsweep.search.space import SearchSpace
+from qsweep.search.study import (
+    count_done,
+    default_study_name,
+    display_url,
+    open_storage,
+    open_study,
+    optimize,
+    reference_plans,
+    storage_url,
+    study_identity,
+)
 from qsweep.session import EvalSession
 
-__all__ = ["evaluate_one"]
+__all__ = ["evaluate_one", "resume_command", "run_search"]
 
 log = logging.getLogger("qsweep")
 
@@ -28,13 +66,155 @@ def evaluate_one(cfg: DictConfig, out_dir: Path) -> dict:
         cfg.eval.stride or session.context, session.device,
     )  # fmt: skip
     score = session.score(plan, split)
-    row = {**score.to_dict(), "plan": plan.to_dict()["units"], "eval": cfg.eval.name, "data": cfg.data.name}
+    row = {**score.record(), "plan": dict(plan.formats), "eval": cfg.eval.name, "data": cfg.data.name}
     (out_dir / "results.json").write_text(json.dumps(row, indent=2) + "\n")
     plan.save(out_dir / "plan.yaml")
     if score.result.ok:
-        log.info("perplexity %.4f vs baseline %.4f (%+.3f%%), %.3fx, fitness %.4f; wrote %s",
-                 score.perplexity, score.baseline_perplexity, 100 * score.degradation, score.compression,
-                 score.fitness, out_dir / "results.json")  # fmt: skip
+        log.info("perplexity %.4f vs baseline %.4f (%+.3f%%); seed accounting %.3fx, fitness_seed %.4f; packed "
+                 "%.3fx, fitness_packed %.4f; wrote %s", score.perplexity, score.baseline_perplexity,
+                 100 * score.degradation, score.compression("seed"), score.fitness("seed"),
+                 score.compression("packed"), score.fitness("packed"), out_dir / "results.json")  # fmt: skip
     else:
         log.error("evaluation failed: %s", score.result.error)
     return row
+
+
+def resume_command(overrides: list[str], url: str, study_name: str) -> str:
+    """The command line that resumes this study: the user's overrides, with the storage and study pinned."""
+    drop = ("storage.url=", "search.study_name=", "hydra.run.dir=", "+storage.url=", "+search.study_name=")
+    kept = [o for o in overrides if not o.startswith(drop)]
+    args = [*kept, f"storage.url={url}", f"search.study_name={study_name}"]
+    return "python -m qsweep " + " ".join(shlex.quote(a) for a in args)
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def candidate_entry_of(v: Verified) -> dict:
+    c = v.candidate
+    return candidate_entry(c.trial, c.label, c.plan, c.search, v.report.record())
+
+
+def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score, metric: str) -> dict | None:
+    """The best plan against the best uniform plan (by search-split fitness), paired on the report split."""
+    fit = f"fitness_{metric}"
+    uniform = [
+        t for t in evaluated_trials(trials) if t.user_attrs.get("enqueued_as", "").startswith("uniform:")
+    ]
+    if best is None or not uniform or session.pinned_perplexity is not None or not best.report.result.ok:
+        return None
+    ref = max(uniform, key=lambda t: t.user_attrs[fit])
+    label = ref.user_attrs["enqueued_as"]
+    if ref.user_attrs["plan_digest"] == best.candidate.search["plan_digest"]:
+        return {"uniform": label, "best_is_uniform": True, "difference": 0.0, "ci95": [0.0, 0.0]}
+    ref_score: PlanScore = score(Candidate.of(ref).plan)
+    diff, lo, hi = paired_fitness_difference(
+        best.report, ref_score, session.baseline(ref_score.split), metric
+    )
+    return {"uniform": label, "best_is_uniform": False, f"uniform_report_{fit}": ref_score.fitness(metric),
+            f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_search(cfg: DictConfig, out_dir: Path) -> dict:
+    """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
+    search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
+    session = EvalSession(cfg)
+    space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
+    enqueue = reference_plans(list(search.enqueue), space, session.table, cfg.precision.name)
+    objective = Objective(
+        space,
+        lambda plan: session.score(plan, cfg.eval.search_split),
+        kind=search.objective,
+        size_metric=search.size_metric,
+        max_degradation=search.max_degradation,
+    )
+    sampler = make_sampler(search.sampler, search.seed, search.sampler_options,
+                           None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
+    url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
+    storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
+    identity = study_identity(cfg, search, session.context)
+    log.info("study %r (%s, %s objective, %d trials, seed %d) on split %r; %d plans enqueued; search space: %d "
+             "units x up to %d formats", name, search.sampler, search.objective, search.n_trials, search.seed,
+             cfg.eval.search_split, len(enqueue), len(space.searchable),
+             max(len(c) for c in space.choices.values()))  # fmt: skip
+    dashboard = f"optuna-dashboard {display_url(url)}"
+    log.info("inspect it live: %s", dashboard)
+    study = open_study(storage=storage, url=url, name=name, sampler=sampler, directions=objective.directions,
+                       metric_names=objective.metric_names, identity=identity,
+                       enqueue={k: space.params_of(p) for k, p in enqueue.items()},
+                       attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split})  # fmt: skip
+    objective.remember(study.get_trials(deepcopy=False))
+    # Ctrl-C and `kill` (also when started in the background, where SIGINT arrives ignored) stop the study cleanly
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        optimize(study, objective, search.n_trials, search.timeout_s)
+    except KeyboardInterrupt:
+        log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
+                    count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    trials = study.get_trials(deepcopy=False)
+    chosen = candidates(trials, kind=search.objective, size_metric=search.size_metric, top_k=search.top_k,
+                        max_degradation=search.max_degradation)  # fmt: skip
+    report_split = cfg.eval.report_split
+    log.info("re-scoring %d candidate plans on the report split %r", len(chosen), report_split)
+    scored: dict[str, PlanScore] = {}  # report-split scores by plan digest: each plan is evaluated once
+
+    def score_report(plan):
+        if plan.digest() not in scored:
+            scored[plan.digest()] = session.score(plan, report_split)
+        return scored[plan.digest()]
+
+    verified = verify(chosen, score_report)
+    fit = f"fitness_{search.size_metric}"
+    best = max(verified, key=lambda v: v.candidate.search[fit], default=None)
+    entries = [candidate_entry_of(v) for v in verified]
+    summary = {
+        "study_name": name,
+        "storage": display_url(url),
+        "sampler": search.sampler,
+        "objective": search.objective,
+        "seed": search.seed,
+        "identity": identity,
+        "n_trials_done": count_done(study),
+        "n_trials_failed": sum(t.state.name == "FAIL" for t in trials),
+        "n_duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
+        "n_evaluated_this_run": objective.n_evaluated,
+        "search_split": cfg.eval.search_split,
+        "report_split": report_split,
+        "size_metric": search.size_metric,
+        "fitness": fit,
+        "baseline_size_bytes": session.baseline_size_bytes,
+        "baseline_perplexity": {
+            s: session.baseline_perplexity(s) for s in (cfg.eval.search_split, report_split)
+        },
+        "best": None if best is None else candidate_entry_of(best),
+        "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
+        "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
+    }
+    points = [
+        {**t.user_attrs, "enqueued_as": t.user_attrs.get("enqueued_as", "")} for t in evaluated_trials(trials)
+    ]
+    write_reports(out_dir, summary=summary, entries=entries, best_plan=None if best is None else best.candidate.plan,
+                  points=points, size_key=size_key(search.size_metric), title=name)  # fmt: skip
+    if best is not None:
+        r = best.report
+        log.info("best plan on %r (%s %.4f): on %r perplexity %s, %.3fx, %s %s; wrote %s", cfg.eval.search_split,
+                 fit, best.candidate.search[fit], report_split,
+                 "failed" if r.perplexity is None else f"{r.perplexity:.4f}", r.compression(search.size_metric),
+                 fit, r.fitness(search.size_metric), out_dir)  # fmt: skip
+    log.info("inspect it: %s", dashboard)
+    return {
+        k: summary[k]
+        for k in ("study_name", "storage", "n_trials_done", "best", "best_plan", "best_vs_uniform")
+    }

@@ -91,7 +91,10 @@ class PrecisionConfig:
 @dataclass
 class StorageConfig:
     url: str | None = None  # null: SQLite file study.db in the run directory
-    heartbeat_interval: int | None = None  # RDB storages: seconds; stale trials of dead workers are retried
+    # RDB storages (SQLite included): a running trial's heartbeat period in seconds; null turns heartbeats off.
+    # A trial whose heartbeat is grace_period seconds old (null: 2 x heartbeat_interval) is failed and retried.
+    heartbeat_interval: int | None = 10
+    grace_period: int | None = None
 
 
 @dataclass

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep.apply import PlanApplier
@@ -27,24 +25,15 @@ from qsweep.evaluate import (
     resolve_device,
 )
 from qsweep.families import resolve_for_model
-from qsweep.metrics import compression, degradation, fitness, paired_degradation_ci
+from qsweep.metrics import paired_degradation_ci
 from qsweep.model import load_model, load_tokenizer, unit_table
-from qsweep.paths import config_dir
-from qsweep.plan import Plan, PlanError, load_plan_file, plan_from_config
+from qsweep.plan import Plan, load_plan_file, named_plan_spec, plan_from_config
+from qsweep.score import PlanScore
 from qsweep.size import model_size_bytes, packed_size_bytes
 
 __all__ = ["EvalSession", "PlanScore", "named_plan_spec"]
 
 log = logging.getLogger(__name__)
-
-
-def named_plan_spec(name: str) -> dict:
-    """The plan spec of conf/plan/NAME.yaml; unknown names list the shipped ones."""
-    path = config_dir() / "plan" / f"{name}.yaml"
-    if not path.is_file():
-        have = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise PlanError(f"unknown plan name {name!r}; shipped plans: {', '.join(have)}")
-    return yaml.safe_load(path.read_text())
 
 
 def _plain(cfg) -> dict:
@@ -64,70 +53,6 @@ def _plan_source() -> str:
         if choice:
             return f"plan={choice}"
     return "plan"
-
-
-@dataclass
-class PlanScore:
-    """One plan measured against the baseline on one split (the JSON line of the CLI contract)."""
-
-    plan: Plan
-    split: str
-    result: EvalResult
-    baseline_perplexity: float
-    model_size_bytes: int
-    packed_size_bytes: int
-    baseline_size_bytes: int
-    bit_histogram: dict[str, int]
-    bits_per_param: float
-    penalty: float
-    degradation_ci95: tuple[float, float] | None = None
-
-    @property
-    def perplexity(self) -> float | None:
-        return self.result.perplexity
-
-    @property
-    def compression(self) -> float:
-        return self.compression_for("model")
-
-    @property
-    def degradation(self) -> float | None:
-        return None if self.perplexity is None else degradation(self.perplexity, self.baseline_perplexity)
-
-    @property
-    def fitness(self) -> float | None:
-        return self.fitness_for("model")
-
-    def size_bytes(self, metric: str = "model") -> int:
-        """``model``: the seed's accounting (no scales); ``packed``: codes plus scales."""
-        return self.packed_size_bytes if metric == "packed" else self.model_size_bytes
-
-    def compression_for(self, metric: str) -> float:
-        return compression(self.baseline_size_bytes, self.size_bytes(metric))
-
-    def fitness_for(self, metric: str) -> float | None:
-        d = self.degradation
-        return None if d is None else fitness(self.compression_for(metric), d, self.penalty)
-
-    def to_dict(self) -> dict:
-        return {
-            "perplexity": self.perplexity,
-            "baseline_perplexity": self.baseline_perplexity,
-            "model_size_bytes": self.model_size_bytes,
-            "packed_size_bytes": self.packed_size_bytes,
-            "baseline_size_bytes": self.baseline_size_bytes,
-            "compression": self.compression,
-            "degradation": self.degradation,
-            "fitness": self.fitness,
-            "bit_histogram": self.bit_histogram,
-            "eval_tokens": self.result.n_tokens,
-            "eval_time_seconds": self.result.seconds,
-            "bits_per_param": self.bits_per_param,
-            "degradation_ci95": list(self.degradation_ci95) if self.degradation_ci95 else None,
-            "split": self.split,
-            "plan_digest": self.plan.digest(),
-            "error": self.result.error,
-        }
 
 
 class EvalSession:
@@ -244,6 +169,12 @@ class EvalSession:
                     f"the baseline plan fails to evaluate on {split!r}: {self._baseline[split].error}"
                 )
         return self._baseline[split]
+
+    def baseline_perplexity(self, split: str) -> float:
+        """The pinned baseline perplexity, or the baseline plan's measured on ``split``."""
+        if self.pinned_perplexity is not None:
+            return float(self.pinned_perplexity)
+        return self.baseline(split).perplexity
 
     def score(self, plan: Plan, split: str) -> PlanScore:
         """Evaluate ``plan`` and the baseline on ``split``; degradation is paired on the same windows."""

@@ -1,18 +1,17 @@
-"""Studies end to end on the bundled model (a few trials, few tokens): files, resume, reproducibility, errors."""
+"""Studies end to end on the bundled model (a few trials, few tokens): files, resume, faults, reproducibility, errors."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-import shutil
+import re
+import shlex
 import signal
-import socket
+import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
@@ -20,14 +19,15 @@ import yaml
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
+from qsweep.app import run_search
 from qsweep.config import register_configs
 from qsweep.paths import config_dir
 from qsweep.plan import PlanError
 from qsweep.search.space import SearchSpace
-from qsweep.search.study import run_search
 
 # Tiny evaluations: 1,024 tokens of each split, windows of 128.
 FAST = ["eval.max_tokens=1024", "eval.context=128", "precision=seed", "search.enqueue=[uniform]"]
+UNIFORM = ["uniform:fp16", "uniform:int8", "uniform:int4"]
 
 
 def compose_cfg(*overrides, tmp_path):
@@ -36,8 +36,17 @@ def compose_cfg(*overrides, tmp_path):
         return compose("config", overrides=[*FAST, f"data.cache_dir={tmp_path / 'cache'}", *overrides])
 
 
-def trials_of(summary) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=summary["study_name"], storage=summary["storage"]).trials
+def study_of(summary_or_url, name=None) -> optuna.Study:
+    if isinstance(summary_or_url, dict):
+        summary_or_url, name = summary_or_url["storage"], summary_or_url["study_name"]
+    return optuna.load_study(study_name=name, storage=summary_or_url)
+
+
+def states(study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.trials:
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
 
 
 def cli(*args, tmp_path, check=True, **kw):
@@ -56,37 +65,88 @@ def test_study_end_to_end(tmp_path, search):
     cfg = compose_cfg(f"+search={search}", "search.n_trials=7", "search.sampler_options.n_startup_trials=3"
                       if search == "tpe" else "search.sampler_options.population_size=4", tmp_path=tmp_path)  # fmt: skip
     summary = run_search(cfg, out)
-    trials = trials_of(summary)
+    trials = study_of(summary).trials
     assert sum(t.state.name == "COMPLETE" for t in trials) == 7
-    assert [t.user_attrs["enqueued_as"] for t in trials[:3]] == [
-        "uniform:fp16",
-        "uniform:int8",
-        "uniform:int4",
-    ]
-    for t in trials:
-        for key in ("plan", "perplexity", "model_size_bytes", "packed_size_bytes", "compression", "degradation",
-                    "fitness", "eval_tokens", "eval_seconds"):  # fmt: skip
-            assert key in t.user_attrs
+    assert [t.user_attrs["enqueued_as"] for t in trials[:3]] == UNIFORM
+    metric = "packed_size_bytes"
+    for t in trials:  # every trial stores the record of its plan, in the record's names
+        a = t.user_attrs
+        assert a["split"] == "validation" and json.loads(a["plan"])["version"] == 1
+        assert a["fitness_packed"] == pytest.approx(a["compression_packed"] - 10 * max(0.0, a["degradation"]))
+        assert a["compression_packed"] == pytest.approx(a["baseline_size_bytes"] / a[metric])
+        if search == "nsga2":
+            assert t.values == [a["perplexity"], a[metric]]
+        else:
+            assert t.values == [a["fitness_packed"]]
     results = json.loads((out / "results.json").read_text())
     assert results["search_split"] == "validation" and results["report_split"] == "test"
     rows = list(csv.DictReader((out / "pareto.csv").open()))
-    assert rows and all(r["report_perplexity"] for r in rows)
+    assert len(rows) == len(results["candidates"]) > 0
+    for row, entry in zip(rows, results["candidates"], strict=True):
+        assert float(row["report_perplexity"]) == entry["report"]["perplexity"]
+        assert entry["report"]["split"] == "test" and entry["search"]["split"] == "validation"
     assert (out / "pareto.png").stat().st_size > 10_000
     best = results["best"]
-    assert best["search_fitness"] == max(float(r["search_fitness"]) for r in rows)
+    assert best["search"]["fitness_packed"] == max(
+        e["search"]["fitness_packed"] for e in results["candidates"]
+    )
     # best_plan.yaml re-evaluates, through the CLI, to the perplexity stored for it on the same split
     stored = next(t for t in trials if t.number == best["trial"]).user_attrs["perplexity"]
     proc = cli(*FAST[:2], f"plan_file={out / 'best_plan.yaml'}", "split=validation", f"hydra.run.dir={tmp_path / 'v'}",
                tmp_path=tmp_path)  # fmt: skip
     assert json.loads(proc.stdout.strip().splitlines()[-1])["perplexity"] == stored
     assert yaml.safe_load((out / "best_plan.yaml").read_text())["version"] == 1
+    vs = results["best_vs_uniform"]
+    assert vs["uniform"] in UNIFORM
+    if not vs["best_is_uniform"]:
+        assert vs["ci95"][0] <= vs["difference"] <= vs["ci95"][1]
+        assert vs["difference"] == pytest.approx(
+            vs["best_report_fitness_packed"] - vs["uniform_report_fitness_packed"]
+        )
 
 
-@pytest.mark.parametrize("search", ["random", "tpe", "nsga2"])
+def test_pareto_csv_is_the_brute_force_front_of_the_study(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = compose_cfg("+search=random", "search.n_trials=12", tmp_path=tmp_path)
+    summary = run_search(cfg, out)
+    points = {}
+    for t in study_of(summary).trials:
+        if t.state.name == "COMPLETE":
+            points[t.user_attrs["plan_digest"]] = (
+                t.user_attrs["perplexity"],
+                t.user_attrs["packed_size_bytes"],
+            )
+    front = {
+        d for d, p in points.items()
+        if not any(q != p and q[0] <= p[0] and q[1] <= p[1] for q in points.values())
+    }  # fmt: skip
+    rows = list(csv.DictReader((out / "pareto.csv").open()))
+    assert {r["plan_digest"] for r in rows} == front
+    assert [int(r["packed_size_bytes"]) for r in rows] == sorted(int(r["packed_size_bytes"]) for r in rows)
+
+
+def test_max_degradation_is_a_constraint_on_trials_and_candidates(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # on the bundled model int8 costs ~0.1% and int4 several %: a 1% ceiling makes the int4-heavy plans infeasible
+    cfg = compose_cfg("+search=tpe", "search.n_trials=8", "search.sampler_options.n_startup_trials=4",
+                      "search.max_degradation=0.01", "search.top_k=3", tmp_path=tmp_path)  # fmt: skip
+    summary = run_search(cfg, out)
+    trials = [t for t in study_of(summary).trials if t.state.name == "COMPLETE"]
+    for t in trials:
+        assert t.constraints == {"max_degradation": pytest.approx(t.user_attrs["degradation"] - 0.01)}
+    feasible = sorted((t.user_attrs["fitness_packed"] for t in trials if t.user_attrs["degradation"] <= 0.01),
+                      reverse=True)  # fmt: skip
+    assert any(t.user_attrs["degradation"] > 0.01 for t in trials), "the test needs an infeasible trial"
+    results = json.loads((out / "results.json").read_text())
+    got = [e["search"]["fitness_packed"] for e in results["candidates"]]
+    assert got == feasible[:3]
+
+
+@pytest.mark.parametrize("search", ["random", "tpe", "nsga2", "gp"])
 def test_same_seed_same_trials_different_seed_different(tmp_path, search):
-    from qsweep.search.study import StudyRunner
-
-    options = {"tpe": ["search.sampler_options.n_startup_trials=2"],
+    options = {"tpe": ["search.sampler_options.n_startup_trials=2"], "gp": ["search.sampler_options.n_startup_trials=2"],
                "nsga2": ["search.sampler_options.population_size=2"]}.get(search, [])  # fmt: skip
 
     def params(seed, name):
@@ -94,10 +154,7 @@ def test_same_seed_same_trials_different_seed_different(tmp_path, search):
         out.mkdir()
         cfg = compose_cfg(f"+search={search}", "search.n_trials=5", f"search.seed={seed}", "search.enqueue=[]",
                           *options, tmp_path=tmp_path)  # fmt: skip
-        runner = StudyRunner(cfg, out)
-        study = runner.open_study()
-        runner.optimize(study)
-        return [t.params for t in study.trials]
+        return [t.params for t in study_of(run_search(cfg, out)).trials]
 
     a, b, c = params(0, "a"), params(0, "b"), params(1, "c")
     assert len(a) == 5 and a == b and a != c
@@ -119,108 +176,146 @@ def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
         return real(self, plan, split)
 
     monkeypatch.setattr(EvalSession, "evaluate", spy)
-    trials = trials_of(run_search(cfg, out))
+    trials = study_of(run_search(cfg, out)).trials
     assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
     dup = [t for t in trials if "duplicate_of" in t.user_attrs]
     assert len(dup) >= 4
     for t in dup:
         assert t.values == trials[t.user_attrs["duplicate_of"]].values
     on_search_split = [d for d, split in calls if split == "validation"]
-    assert len(on_search_split) == len(set(on_search_split))  # the all-fp16 plan is the baseline: scored once
+    assert len(on_search_split) == len(set(on_search_split)) <= 3  # baseline + the two plans, each once
 
 
-def test_interrupted_study_resumes_to_n_trials(tmp_path):
+def _run_until(args, tmp_path, db, name, n_complete, sig):
+    """Start a study in a child process, send ``sig`` once ``n_complete`` trials are complete; return the child."""
+    env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache")}
+    # a background job of a non-interactive shell inherits SIGINT ignored; qsweep handles it anyway
+    proc = subprocess.Popen([sys.executable, "-m", "qsweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            n = states(study_of(f"sqlite:///{db}", name)).get("COMPLETE", 0)
+        except Exception:  # the study does not exist yet
+            continue
+        if n >= n_complete:
+            proc.send_signal(sig)
+            break
+    return proc
+
+
+def test_ctrl_c_prints_one_line_whose_command_completes_the_study(tmp_path):
     db = tmp_path / "study.db"
     # 16k tokens per trial: slow enough (about a second) that the SIGINT lands mid-study
     args = [*FAST, "+search=random", "search.n_trials=8", f"storage.url=sqlite:///{db}", "search.study_name=resume",
             f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=16384"]  # fmt: skip
-    env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache")}
-    # A background job of a non-interactive shell (as CI may be) inherits SIGINT ignored: give the child the default
-    # disposition, as an interactive terminal would, so that Python turns SIGINT into KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "qsweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
-    deadline = time.time() + 300
-    n = 0
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-        try:
-            n = sum(
-                t.state.name == "COMPLETE"
-                for t in optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
-            )
-        except Exception:  # the study does not exist yet
-            continue
-        if n >= 3:
-            proc.send_signal(signal.SIGINT)
-            break
+    proc = _run_until(args, tmp_path, db, "resume", 2, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "Resume with" in out + err
-    done_before = sum(
-        t.state.name == "COMPLETE"
-        for t in optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
-    )
-    assert 3 <= done_before < 8
-    args[-2] = f"hydra.run.dir={tmp_path / 'r2'}"
-    cli(*args, tmp_path=tmp_path)
-    trials = optuna.load_study(study_name="resume", storage=f"sqlite:///{db}").trials
-    complete = [t for t in trials if t.state.name == "COMPLETE"]
-    assert len(complete) == 8
+    assert "Traceback" not in out + err and "KeyboardInterrupt" not in out + err
+    lines = [line for line in (out + err).splitlines() if "Resume with:" in line]
+    assert len(lines) == 1
+    command = lines[0].split("Resume with: ", 1)[1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "qsweep"] and "search.n_trials=8" in argv
+    done_before = states(study_of(f"sqlite:///{db}", "resume")).get("COMPLETE", 0)
+    assert 2 <= done_before < 8
+    cli(*argv[3:], f"hydra.run.dir={tmp_path / 'r2'}", tmp_path=tmp_path)  # the printed command, as pasted
+    study = study_of(f"sqlite:///{db}", "resume")
+    assert states(study).get("COMPLETE") == 8 and "RUNNING" not in states(study)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert {t.user_attrs.get("enqueued_as") for t in complete} >= set(UNIFORM)
     evaluated = [t.user_attrs["plan_digest"] for t in complete if "duplicate_of" not in t.user_attrs]
     assert len(evaluated) == len(set(evaluated))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_sigkill_then_resume_retries_the_orphaned_trial(tmp_path):
+    db = tmp_path / "study.db"
+    args = [*FAST, "+search=random", "search.n_trials=6", f"storage.url=sqlite:///{db}", "search.study_name=killed",
+            "storage.heartbeat_interval=1", f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=16384"]  # fmt: skip
+    proc = _run_until(
+        args, tmp_path, db, "killed", 1, signal.SIGKILL
+    )  # mid-way through an enqueued uniform plan
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    before = states(study_of(f"sqlite:///{db}", "killed"))
+    assert before.get("RUNNING") == 1, before
+    time.sleep(2.5)  # the grace period (2 x heartbeat_interval) passes
+    resumed = cli(*args[:-2], f"hydra.run.dir={tmp_path / 'r2'}", "eval.max_tokens=16384", tmp_path=tmp_path)
+    assert "Traceback" not in resumed.stderr and "ExperimentalWarning" not in resumed.stderr
+    study = study_of(f"sqlite:///{db}", "killed")
+    assert states(study).get("COMPLETE") == 6 and "RUNNING" not in states(study)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert {t.user_attrs.get("enqueued_as") for t in complete} >= set(UNIFORM)
 
 
-def test_optuna_dashboard_reads_the_stored_study(tmp_path):
-    pytest.importorskip("optuna_dashboard", reason="the dashboard extra is not installed")
-    db = tmp_path / "s.db"
-    storage = f"sqlite:///{db}"
-    study = optuna.create_study(storage=storage, study_name="dash", directions=["minimize", "minimize"])
-    study.add_trial(optuna.trial.create_trial(values=[10.0, 5.0], params={}, distributions={}))
-    port = _free_port()
-    exe = shutil.which(
-        "optuna-dashboard", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
-    )
-    assert exe, "the optuna-dashboard command is not installed with the dashboard extra"
-    server = subprocess.Popen([exe, storage, "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        body = None
-        for _ in range(60):
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as r:
-                    body = json.loads(r.read())
-                break
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, "optuna-dashboard did not answer"
-        assert [s["study_name"] for s in body["study_summaries"]] == ["dash"]
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
+    out = tmp_path / "run"
+    proc = cli(*FAST, "+search=nsga2", "search.n_trials=4", "search.sampler_options.population_size=2",
+               f"hydra.run.dir={out}", tmp_path=tmp_path)  # fmt: skip
+    urls = re.findall(r"optuna-dashboard (\S+)", proc.stdout + proc.stderr)
+    assert urls and len(set(urls)) == 1
+    assert urls[0] == f"sqlite:///{(out / 'study.db').resolve()}"
+    summaries = optuna.get_all_study_summaries(storage=urls[0])
+    assert len(summaries) == 1 and summaries[0].n_trials == 4
+    study = study_of(urls[0], summaries[0].study_name)
+    assert study.metric_names == ["perplexity", "packed_size_bytes"]
+    assert study.user_attrs["identity"]["size_metric"] == "packed"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+search=nsga2", "search.n_trials=0"], "qsweep: error: search.n_trials must be > 0, got 0"),
+    (["+search=nsga2", "+search.n_trails=5"], "qsweep: error: unknown key search.n_trails (did you mean n_trials?)"),
+    (["+search=nsga2", "search.size_metric=bytes"], "qsweep: error: unknown search.size_metric 'bytes'"),
     (["+search=nsga2", "precision.menu=[{pattern: 'wte', formats: [fp16]}]"],
      "qsweep: error: the precision menu leaves unit 'wpe' no format"),
     (["+search=nsga2", "search.enqueue=[int8]", "precision=lowbit"],
      "qsweep: error: search.enqueue: plan 'int8' puts unit 'wte' in int8, which the precision menu 'lowbit' does not"),
     (["+search=nsga2", "search.sampler=cmaes"], "qsweep: error: unknown search.sampler 'cmaes'"),
-    (["+search=nsga2", "storage.url=postgresql+psycopg2://u@127.0.0.1:1/none"], "qsweep: error: cannot open storage.url"),
+    (["+search=nsga2", "storage.url=postgresql+psycopg2://u:secret@127.0.0.1:1/none"],
+     "qsweep: error: cannot open storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none'"),
 ])  # fmt: skip
 def test_bad_search_input_is_one_line_and_leaves_no_study(tmp_path, overrides, message):
     run = tmp_path / "run"
     proc = cli(*FAST, *overrides, f"hydra.run.dir={run}", tmp_path=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in proc.stderr and "secret" not in proc.stdout + proc.stderr
     assert not (run / "study.db").exists()
+
+
+def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path):
+    db = tmp_path / "app.db"
+    with sqlite3.connect(db) as con:
+        con.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    before = db.read_bytes()
+    proc = cli(*FAST, "+search=random", f"storage.url=sqlite:///{db}", f"hydra.run.dir={tmp_path / 'r'}",
+               tmp_path=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert "another application (tables: customers)" in proc.stderr.strip().splitlines()[-1]
+    assert db.read_bytes() == before
+
+
+def test_resume_with_another_protocol_is_refused(tmp_path):
+    db = tmp_path / "s.db"
+    args = [
+        *FAST,
+        "+search=random",
+        "search.n_trials=2",
+        f"storage.url=sqlite:///{db}",
+        "search.study_name=s",
+    ]
+    cli(*args, f"hydra.run.dir={tmp_path / 'a'}", tmp_path=tmp_path)
+    before = states(study_of(f"sqlite:///{db}", "s"))
+    assert before["COMPLETE"] == 2
+    proc = cli(*args, "eval.max_tokens=2048", "search.n_trials=4", f"hydra.run.dir={tmp_path / 'b'}",
+               tmp_path=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("qsweep: error: study 's'") and "protocol" in last and "max_tokens=1024" in last
+    assert states(study_of(f"sqlite:///{db}", "s")) == before
 
 
 def test_unknown_search_name_lists_the_options(tmp_path):

@@ -1,296 +1,242 @@
-"""Running a study: storage, sampler, objective, resume, and verification of the winners on the held-out split.
+"""The study: storage, identity, enqueued plans, and running trials until ``search.n_trials`` are done in total.
 
-Flow: validate the whole config (search settings, precision menu, plans to enqueue) before any storage is touched,
-so a config error leaves nothing behind; open or resume the study (SQLite in the run directory by default, any
-Optuna storage URL via ``storage.url``); run trials until ``search.n_trials`` are done in total (a plan the study
-has already evaluated is answered from its earlier trial, not evaluated again); then re-score the Pareto set
-(or the top-k by fitness) on ``eval.report_split`` and write the run's reports (qsweep.report).
+* Storage: an SQLite file ``study.db`` in the run directory by default, or any Optuna storage URL
+  (``storage.url``). RDB storages (SQLite included) run with heartbeats (``storage.heartbeat_interval``), so the
+  trial of a killed process is failed once its heartbeat is ``storage.grace_period`` seconds old and its plan is
+  retried. An existing SQLite file that is not an Optuna study store is refused, never written into.
+* Identity: what makes two trials comparable (model, data, protocol, precision menu, size metric, baseline,
+  penalty) is stored in the study; resuming it with any of these changed is refused, naming the setting.
+* Enqueued plans (uniform plans, named plans) are the first trials; one whose trial was interrupted is enqueued
+  again on resume, so every reference plan is evaluated.
+* URLs are shown with their password hidden (:func:`display_url`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import math
+import sqlite3
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import optuna
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from qsweep.plan import Plan, PlanError, plan_from_config
-from qsweep.search.samplers import make_sampler
+from qsweep.errors import ConfigError, first_line
+from qsweep.plan import Plan, PlanError, named_plan_spec, plan_from_config
+from qsweep.search.config import SearchConfig
+from qsweep.search.objective import is_done
 from qsweep.search.space import SearchSpace
-from qsweep.session import EvalSession, named_plan_spec
+from qsweep.units import UnitTable
 
-__all__ = ["SearchConfig", "StudyRunner", "run_search"]
+__all__ = [
+    "count_done",
+    "default_study_name",
+    "display_url",
+    "open_storage",
+    "open_study",
+    "optimize",
+    "reference_plans",
+    "storage_url",
+    "study_identity",
+]
 
 log = logging.getLogger("qsweep")
-_HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
-OBJECTIVES = ("multi", "fitness")
-SIZE_METRICS = ("packed", "model")
+_OPTUNA_TABLES = {"studies", "trials", "version_info"}
 
 
-@dataclass
-class SearchConfig:
-    name: str = MISSING
-    sampler: str = MISSING  # nsga2 | tpe | random | gp
-    objective: str = "multi"  # multi: minimise (perplexity, size); fitness: maximise the user's fitness
-    n_trials: int = 50
-    seed: int = 0
-    sampler_options: dict[str, Any] = field(default_factory=dict)
-    study_name: str | None = None  # null: derived from model, data, eval, search and seed
-    enqueue: list[str] = field(default_factory=list)  # plan names from conf/plan, and/or "uniform"
-    size_metric: str = "packed"  # packed: codes + scales (honest); model: the seed's numel x bits / 8
-    max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
-    top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
-    timeout_s: float | None = None
-
-
-def _search_config(raw) -> SearchConfig:
-    cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), raw)
-    s: SearchConfig = OmegaConf.to_object(cfg)
-    if s.n_trials <= 0:
-        raise ValueError(f"search.n_trials must be > 0, got {s.n_trials}")
-    if s.objective not in OBJECTIVES:
-        raise ValueError(f"unknown search.objective {s.objective!r}; valid: {', '.join(OBJECTIVES)}")
-    if s.size_metric not in SIZE_METRICS:
-        raise ValueError(f"unknown search.size_metric {s.size_metric!r}; valid: {', '.join(SIZE_METRICS)}")
-    if s.max_degradation is not None and s.max_degradation < 0:
-        raise ValueError(f"search.max_degradation must be >= 0, got {s.max_degradation}")
-    return s
-
-
-def _storage_url(cfg: DictConfig, out_dir: Path) -> str:
-    url = cfg.storage.url
-    return url if url else f"sqlite:///{(out_dir / 'study.db').resolve()}"
-
-
-def _open_storage(url: str, heartbeat: int | None):
-    try:
-        if url.startswith(("sqlite", "postgresql", "mysql")):
-            kwargs = {}
-            if heartbeat:
-                kwargs = {
-                    "heartbeat_interval": heartbeat,
-                    "failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=3),
-                }
-            return optuna.storages.RDBStorage(url, **kwargs)
-        return optuna.storages.get_storage(url)
-    except Exception as e:  # sqlalchemy/driver errors come in many types; all mean the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot open storage.url={url!r} ({type(e).__name__}: {first})") from None
-
-
-def _done(trial: optuna.trial.FrozenTrial) -> bool:
-    """A trial that counts towards n_trials: complete, or a plan that failed to evaluate (NaN loss)."""
-    return trial.state == TrialState.COMPLETE or (
-        trial.state == TrialState.FAIL and "error" in trial.user_attrs
+def default_study_name(cfg: DictConfig, search: SearchConfig) -> str:
+    return (
+        search.study_name
+        or f"{cfg.model.name}-{cfg.data.name}-{cfg.eval.name}-{cfg.precision.name}-{search.name}-seed{search.seed}"
     )
 
 
-def _feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    values = trial.constraints.values() if _HAS_SET_CONSTRAINT else trial.user_attrs.get("constraint", [])
-    return all(v <= 0 for v in values)
+def study_identity(cfg: DictConfig, search: SearchConfig, context: int) -> dict[str, str]:
+    """The settings that make trials comparable, as short strings (what a resume must match)."""
+    m, d, e = cfg.model, cfg.data, cfg.eval
+    bundled = str(m.get("path") or "").startswith(str(Path(__file__).resolve().parents[1]))
+    menu = json.dumps(OmegaConf.to_container(cfg.precision.menu, resolve=True), sort_keys=True)
+    return {
+        "model": f"{m.name if bundled or not m.get('path') else m.path} ({m.granularity})",
+        "data": f"{d.name} ({d.get('path') or d.get('dataset') or d.source})",
+        "protocol": f"context={context} stride={e.stride or context} max_tokens={e.max_tokens} "
+        f"split={e.search_split} dtype={e.dtype}",
+        "menu": f"{cfg.precision.name} ({hashlib.sha256(menu.encode()).hexdigest()[:12]})",
+        "size_metric": search.size_metric,
+        "baseline": f"plan={cfg.baseline.plan} perplexity={cfg.baseline.perplexity} "
+        f"size_bytes={cfg.baseline.size_bytes} penalty={cfg.penalty}",
+    }
 
 
-class StudyRunner:
-    """Holds the session, the space and the study; ``objective`` is what Optuna calls per trial."""
-
-    def __init__(self, cfg: DictConfig, out_dir: Path):
-        self.cfg = cfg
-        self.out_dir = out_dir
-        self.search = _search_config(cfg.search)
-        self.session = EvalSession(cfg)
-        self.table = self.session.table
-        self.space = SearchSpace.from_menu(
-            self.table, OmegaConf.to_container(cfg.precision.menu, resolve=True)
-        )
-        if not self.space.searchable:
-            raise PlanError("the precision menu gives every unit a single format: there is nothing to search")
-        self.enqueued = self._plans_to_enqueue()
-        self.split = cfg.eval.search_split
-        self.report_split = cfg.eval.report_split
-        self.sampler = make_sampler(
-            self.search.sampler,
-            self.search.seed,
-            self.search.sampler_options,
-            None if _HAS_SET_CONSTRAINT else (lambda t: t.user_attrs.get("constraint", [0.0])),
-        )
-        m = cfg.model
-        self.study_name = self.search.study_name or (
-            f"{m.name}-{cfg.data.name}-{cfg.eval.name}-{cfg.precision.name}-{self.search.name}-seed{self.search.seed}"
-        )
-        self.storage_url = _storage_url(cfg, out_dir)
-        self._seen: dict[str, optuna.trial.FrozenTrial] = {}
-
-    # -- setup -----------------------------------------------------------------------------------------------------
-
-    def _plans_to_enqueue(self) -> dict[str, Plan]:
-        plans: dict[str, Plan] = {}
-        for name in self.search.enqueue:
-            if name == "uniform":
-                plans.update({f"uniform:{f}": p for f, p in self.space.uniform_plans().items()})
-                continue
-            plan = plan_from_config(named_plan_spec(name), self.table, f"plan {name!r}")
-            if self.space.params_of(plan) is None:
-                bad = next(u for u, c in self.space.choices.items() if plan[u] not in c)
-                raise PlanError(f"search.enqueue: plan {name!r} puts unit {bad!r} in {plan[bad]}, which the precision "
-                                f"menu {self.cfg.precision.name!r} does not offer it")  # fmt: skip
-            plans[name] = plan
-        return plans
-
-    def open_study(self) -> optuna.Study:
-        storage = _open_storage(self.storage_url, self.cfg.storage.get("heartbeat_interval"))
-        directions = ["minimize", "minimize"] if self.search.objective == "multi" else ["maximize"]
-        study = optuna.create_study(
-            storage=storage, study_name=self.study_name, sampler=self.sampler, directions=directions,
-            load_if_exists=True,
-        )  # fmt: skip
-        if [d.name.lower() for d in study.directions] != directions:
-            raise ValueError(f"study {self.study_name!r} in {self.storage_url} has other objectives; "
-                             f"choose another search.study_name")  # fmt: skip
-        names = (
-            ["perplexity", f"{self.search.size_metric}_size_bytes"] if len(directions) == 2 else ["fitness"]
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names(names)
-        for key, value in {"model": self.cfg.model.name, "data": self.cfg.data.name, "eval": self.cfg.eval.name,
-                           "search_split": self.split, "report_split": self.report_split,
-                           "precision": self.cfg.precision.name, "size_metric": self.search.size_metric}.items():  # fmt: skip
-            study.set_user_attr(key, value)
-        existing = {t.user_attrs.get("enqueued_as") for t in study.get_trials(deepcopy=False)}
-        for label, plan in self.enqueued.items():
-            if label not in existing:
-                study.enqueue_trial(
-                    self.space.params_of(plan), user_attrs={"enqueued_as": label}, skip_if_exists=True
-                )
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
-            if _done(t) and "plan_digest" in t.user_attrs:
-                self._seen.setdefault(t.user_attrs["plan_digest"], t)
-        return study
-
-    # -- per trial -------------------------------------------------------------------------------------------------
-
-    def _values(self, attrs: Mapping) -> list[float]:
-        if self.search.objective == "multi":
-            return [attrs["perplexity"], float(attrs[f"{self.search.size_metric}_size_bytes"])]
-        return [attrs["fitness"]]
-
-    def _failed(self):
-        """What a plan that cannot be evaluated returns: NaN, which Optuna records as a failed trial."""
-        return float("nan") if self.search.objective == "fitness" else (float("nan"), float("nan"))
-
-    def objective(self, trial: optuna.Trial):
-        plan = self.space.suggest(trial)
-        digest = plan.digest()
-        earlier = self._seen.get(digest)
-        if earlier is not None:  # answered from the study: no second evaluation of the same plan
-            for k, v in earlier.user_attrs.items():
-                if k != "enqueued_as":
-                    trial.set_user_attr(k, v)
-            trial.set_user_attr("duplicate_of", earlier.number)
-            self._constrain(trial, earlier.user_attrs)
-            return self._failed() if "error" in earlier.user_attrs else self._values(earlier.user_attrs)
-        score = self.session.score(plan, self.split)
-        metric = self.search.size_metric
-        attrs = {
-            "plan": plan.to_json(),
-            "plan_digest": digest,
-            "split": self.split,
-            "perplexity": score.perplexity,
-            "baseline_perplexity": score.baseline_perplexity,
-            "model_size_bytes": score.model_size_bytes,
-            "packed_size_bytes": score.packed_size_bytes,
-            "compression": score.compression_for(metric),
-            "degradation": score.degradation,
-            "fitness": score.fitness_for(metric),
-            "eval_tokens": score.result.n_tokens,
-            "eval_seconds": score.result.seconds,
-        }
-        if not score.result.ok:
-            attrs["error"] = score.result.error
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        self._constrain(trial, attrs)
-        self._seen[digest] = trial  # a live Trial also has .number and .user_attrs
-        if not score.result.ok:
-            log.warning("trial %d: plan %s failed to evaluate: %s", trial.number, digest, score.result.error)
-            return self._failed()
-        return self._values(attrs)
-
-    def _constrain(self, trial: optuna.Trial, attrs: Mapping) -> None:
-        if self.search.max_degradation is None:
-            return
-        d = attrs.get("degradation")
-        value = math.inf if d is None else d - self.search.max_degradation  # <= 0 is feasible
-        value = min(value, 1e300)  # a failed plan is infinitely infeasible; stored as a finite JSON number
-        if _HAS_SET_CONSTRAINT:
-            trial.set_constraint("max_degradation", value)
-        else:
-            trial.set_user_attr("constraint", [value])
-
-    # -- run -------------------------------------------------------------------------------------------------------
-
-    def optimize(self, study: optuna.Study) -> None:
-        def n_done() -> int:
-            return sum(_done(t) for t in study.get_trials(deepcopy=False))
-
-        remaining = self.search.n_trials - n_done()
-        if remaining <= 0:
-            log.info("study %r already has %d trials done (search.n_trials=%d): nothing to run",
-                     self.study_name, n_done(), self.search.n_trials)  # fmt: skip
-            return
-
-        def stop_at_total(study: optuna.Study, trial) -> None:  # other workers may be adding trials too
-            if n_done() >= self.search.n_trials:
-                study.stop()
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study.optimize(
-            self.objective, n_trials=remaining, timeout=self.search.timeout_s, callbacks=[stop_at_total],
-            show_progress_bar=True, catch=(),
-        )  # fmt: skip
-
-    def candidates(self, study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-        """The Pareto set (multi-objective) or the top-k by fitness, without duplicate plans."""
-        if self.search.objective == "multi":
-            chosen = study.best_trials  # feasible trials only, when constrained
-        else:
-            done = [t for t in study.get_trials(states=(TrialState.COMPLETE,)) if _feasible(t)]
-            chosen = sorted(done, key=lambda t: t.value, reverse=True)
-        unique, seen = [], set()
-        for t in chosen:
-            if t.user_attrs["plan_digest"] not in seen:
-                seen.add(t.user_attrs["plan_digest"])
-                unique.append(t)
-        return unique if self.search.objective == "multi" else unique[: self.search.top_k]
+def storage_url(cfg: DictConfig, out_dir: Path) -> str:
+    return cfg.storage.url or f"sqlite:///{(out_dir / 'study.db').resolve()}"
 
 
-def run_search(cfg: DictConfig, out_dir: Path) -> dict:
-    """Run (or resume) the study of ``cfg.search`` and write its reports; returns the summary row."""
-    from qsweep.report import write_reports
-
-    runner = StudyRunner(cfg, out_dir)  # validates everything before any storage exists
-    dashboard = f"optuna-dashboard {runner.storage_url}"
-    log.info("study %r (%s, %s objective, %d trials, seed %d) on split %r; %d plans enqueued; search space: %d "
-             "units x up to %d formats", runner.study_name, runner.search.sampler, runner.search.objective,
-             runner.search.n_trials, runner.search.seed, runner.split, len(runner.enqueued),
-             len(runner.space.searchable), max(len(c) for c in runner.space.choices.values()))  # fmt: skip
-    log.info("inspect it live: %s", dashboard)
-    study = runner.open_study()
+def display_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: what logs, errors and results may show."""
     try:
-        runner.optimize(study)
-    except KeyboardInterrupt:
-        done = sum(_done(t) for t in study.get_trials(deepcopy=False))
-        log.warning("interrupted with %d of %d trials done; the study is stored and consistent. Resume with: "
-                    "python -m qsweep +search=%s storage.url=%s search.study_name=%s (plus your other overrides)",
-                    done, runner.search.n_trials, runner.search.name, runner.storage_url, runner.study_name)  # fmt: skip
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL (a journal file path, say): nothing to hide
+        return url
+
+
+def _check_sqlite_file(url: str) -> None:
+    """Refuse an existing SQLite file that holds another application's tables (we would add ours to it)."""
+    path = url.removeprefix("sqlite:///")
+    if path == url or path in ("", ":memory:") or not Path(path).is_file() or Path(path).stat().st_size == 0:
+        return
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        raise ConfigError(f"storage.url={url!r}: the file is not an SQLite database ({e})") from None
+    if tables and not tables >= _OPTUNA_TABLES:
+        raise ConfigError(
+            f"storage.url={url!r} is an SQLite database of another application (tables: "
+            f"{', '.join(sorted(tables)[:5])}); point storage.url at a new file or an Optuna study database"
+        )
+
+
+def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
+    """An Optuna storage for ``url``; RDB storages get heartbeats, and stale trials are retried (up to 3 times)."""
+    try:
+        if url.startswith("sqlite"):
+            _check_sqlite_file(url)
+        if not url.startswith(("sqlite", "postgresql", "mysql")):
+            return optuna.storages.get_storage(url)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna: warnings per process
+            warnings.simplefilter("ignore")
+            kwargs: dict = {}
+            if heartbeat_interval:
+                retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+                kwargs = {"heartbeat_interval": int(heartbeat_interval), "grace_period": grace_period}
+                if retry is not None:
+                    kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
+                else:  # Optuna < 4.9
+                    kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
+            return optuna.storages.RDBStorage(url, **kwargs)
+    except ConfigError:
         raise
-    summary = write_reports(runner, study, out_dir)
-    log.info("inspect it: %s", dashboard)
-    return summary
+    except Exception as e:  # sqlalchemy/driver errors come in many types; all mean the same to the user
+        shown = display_url(url)
+        raise ConfigError(
+            f"cannot open storage.url={shown!r} ({first_line(e).replace(url, shown)})"
+        ) from None
+
+
+def reference_plans(
+    names: list[str], space: SearchSpace, table: UnitTable, menu_name: str
+) -> dict[str, Plan]:
+    """The plans ``search.enqueue`` names (``uniform``: one all-X plan per format on the menu), by label."""
+    plans: dict[str, Plan] = {}
+    for name in names:
+        if name == "uniform":
+            plans.update({f"uniform:{f}": p for f, p in space.uniform_plans().items()})
+            continue
+        plan = plan_from_config(named_plan_spec(name), table, f"plan {name!r}")
+        bad = next((u for u, c in space.choices.items() if plan[u] not in c), None)
+        if bad is not None:
+            raise PlanError(f"search.enqueue: plan {name!r} puts unit {bad!r} in {plan[bad]}, which the precision "
+                            f"menu {menu_name!r} does not offer it")  # fmt: skip
+        plans[name] = plan
+    return plans
+
+
+def _check_identity(study: optuna.Study, identity: Mapping[str, str], url: str) -> None:
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        if study.trials:  # a study made by another tool or an older qsweep: nothing to compare with
+            log.warning("study %r stores no identity; its trials are assumed comparable", study.study_name)
+        study.set_user_attr("identity", dict(identity))
+        return
+    for key, value in identity.items():
+        if stored.get(key) != value:
+            raise ConfigError(
+                f"study {study.study_name!r} in {display_url(url)} was run with {key} {stored.get(key)!r}, this "
+                f"run has {value!r}: its trials are not comparable; use another search.study_name (or storage.url)"
+            )
+
+
+def open_study(
+    *,
+    storage,
+    url: str,
+    name: str,
+    sampler: optuna.samplers.BaseSampler,
+    directions: list[str],
+    metric_names: list[str],
+    identity: Mapping[str, str],
+    enqueue: Mapping[str, dict],
+    attrs: Mapping[str, object] = (),
+) -> optuna.Study:
+    """Create or resume study ``name``; check its identity; enqueue the reference plans it has not yet done."""
+    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions,
+                                load_if_exists=True)  # fmt: skip
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"study {name!r} in {display_url(url)} has other objectives "
+                          f"({', '.join(d.name.lower() for d in study.directions)}); use another search.study_name")  # fmt: skip
+    _check_identity(study, identity, url)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(metric_names)
+        optuna.storages.fail_stale_trials(study)  # trials of a killed process: failed and retried once stale
+    for key, value in dict(attrs).items():
+        study.set_user_attr(key, value)
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    have = {
+        t.user_attrs.get("enqueued_as")
+        for t in study.get_trials(deepcopy=False)
+        if t.state in live or is_done(t)
+    }
+    for label, params in enqueue.items():
+        if label not in have:  # new, or its trial was interrupted: (re-)enqueue it
+            study.enqueue_trial(params, user_attrs={"enqueued_as": label})
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if running:
+        log.warning("study %r has running trials %s (another worker, or a killed one: retried once its heartbeat "
+                    "is storage.grace_period old)", name, running)  # fmt: skip
+    return study
+
+
+def count_done(study: optuna.Study) -> int:
+    return sum(is_done(t) for t in study.get_trials(deepcopy=False))
+
+
+class _DropInterruptTracebacks(logging.Filter):
+    """Optuna logs an interrupted trial with its traceback; the app says one line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+
+
+def optimize(study: optuna.Study, objective: Callable, n_trials: int, timeout: float | None = None) -> int:
+    """Run trials until ``n_trials`` are done in total (all workers together); returns how many this call ran."""
+    remaining = n_trials - count_done(study)
+    if remaining <= 0:
+        log.info("study %r already has %d trials done (search.n_trials=%d): nothing to run",
+                 study.study_name, count_done(study), n_trials)  # fmt: skip
+        return 0
+
+    def stop_at_total(study: optuna.Study, trial) -> None:  # other workers may be adding trials too
+        if count_done(study) >= n_trials:
+            study.stop()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet = _DropInterruptTracebacks()
+    handlers = logging.getLogger("optuna").handlers
+    for h in handlers:
+        h.addFilter(quiet)
+    before = len(study.get_trials(deepcopy=False))
+    try:
+        study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[stop_at_total],
+                       show_progress_bar=True, catch=())  # fmt: skip
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+    return len(study.get_trials(deepcopy=False)) - before

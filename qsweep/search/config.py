@@ -1,0 +1,70 @@
+"""The search settings (``conf/search/*.yaml``, selected with ``+search=NAME``): schema and validation.
+
+The search group is opt-in (``+search=NAME``), so it is not part of the Hydra schema (a ``search: null`` slot would
+make ``+search=`` an error); it is validated here instead, before anything is loaded or stored, so a bad setting
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qsweep.errors import ConfigError, did_you_mean
+from qsweep.score import SIZE_METRICS
+
+__all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
+
+OBJECTIVES = ("multi", "fitness")
+
+
+@dataclass
+class SearchConfig:
+    name: str = MISSING
+    sampler: str = MISSING  # nsga2 | tpe | random | gp
+    objective: str = "multi"  # multi: minimise (perplexity, size); fitness: maximise fitness_<size_metric>
+    n_trials: int = 50
+    seed: int = 0
+    sampler_options: dict[str, Any] = field(default_factory=dict)
+    study_name: str | None = None  # null: derived from model, data, eval, precision, search and seed
+    enqueue: list[str] = field(default_factory=list)  # plan names from conf/plan, and/or "uniform"
+    size_metric: str = "packed"  # packed: codes + scales (honest); seed: the seed's numel x bits / 8
+    max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
+    top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
+    timeout_s: float | None = None
+
+
+def search_config(raw) -> SearchConfig:
+    """Merge ``raw`` (cfg.search) into the schema and check every value; errors name the key."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), raw)
+        s: SearchConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "key", None)
+        if key is not None and "not in" in str(e):  # an unknown key (a typo)
+            valid = list(SearchConfig.__dataclass_fields__)
+            raise ConfigError(
+                f"unknown key search.{key}{did_you_mean(str(key), valid)}; valid keys: {', '.join(valid)}"
+            ) from None
+        msg = str(e).strip().splitlines()[0]
+        raise ConfigError(f"bad search setting{f' search.{key}' if key else ''}: {msg}") from None
+    if s.n_trials <= 0:
+        raise ConfigError(f"search.n_trials must be > 0, got {s.n_trials}")
+    if s.objective not in OBJECTIVES:
+        raise ConfigError(
+            f"unknown search.objective {s.objective!r}{did_you_mean(s.objective, OBJECTIVES)}; "
+            f"valid: {', '.join(OBJECTIVES)}"
+        )
+    if s.size_metric not in SIZE_METRICS:
+        raise ConfigError(
+            f"unknown search.size_metric {s.size_metric!r}{did_you_mean(s.size_metric, SIZE_METRICS)}; "
+            f"valid: {', '.join(SIZE_METRICS)}"
+        )
+    if s.max_degradation is not None and s.max_degradation < 0:
+        raise ConfigError(f"search.max_degradation must be >= 0, got {s.max_degradation}")
+    if s.top_k < 1:
+        raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
+    return s

@@ -1,0 +1,144 @@
+"""Selection: which trials of a finished study are candidates, and their verification on the report split.
+
+* Candidates (chosen on the search split only): the Pareto set of (perplexity, size) for the multi-objective
+  search, or the ``top_k`` plans by ``fitness_<size_metric>`` for the single-objective one; infeasible plans
+  (``search.max_degradation``), failed plans and duplicate plans are left out.
+* Verification: each candidate is re-scored on the report split (the held-out numbers a user should quote). The
+  best plan is the candidate with the best *search-split* fitness, so its report-split numbers are an honest
+  estimate, not a maximum over noise.
+* Comparison: the best plan against the best uniform plan on the same report windows, with a paired bootstrap
+  interval of the fitness difference (:func:`paired_fitness_difference`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from qsweep.evaluate import EvalResult
+from qsweep.plan import Plan
+from qsweep.score import PlanScore, size_key
+from qsweep.search.objective import is_feasible
+
+__all__ = [
+    "Candidate",
+    "Verified",
+    "candidates",
+    "evaluated_trials",
+    "paired_fitness_difference",
+    "pareto_indices",
+    "verify",
+]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan chosen on the search split: its trial, reference label (``enqueued_as``) and search-split record."""
+
+    trial: int
+    label: str
+    plan: Plan
+    search: Mapping
+
+    @classmethod
+    def of(cls, trial: FrozenTrial) -> Candidate:
+        a = trial.user_attrs
+        return cls(trial.number, a.get("enqueued_as", ""), Plan(json.loads(a["plan"])["units"]), dict(a))
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A candidate and its score on the report split."""
+
+    candidate: Candidate
+    report: PlanScore
+
+
+def evaluated_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
+    """Complete trials with a successfully scored plan, one per plan (the first trial that scored it)."""
+    out, seen = [], set()
+    for t in trials:
+        a = t.user_attrs
+        if t.state != TrialState.COMPLETE or a.get("error") or a.get("perplexity") is None:
+            continue
+        if a["plan_digest"] not in seen:
+            seen.add(a["plan_digest"])
+            out.append(t)
+    return out
+
+
+def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
+    """Indices of the non-dominated points (every coordinate minimised); ties: the first of equal points wins."""
+    keep = []
+    for i, p in enumerate(points):
+        dominated = False
+        for j, q in enumerate(points):
+            no_worse = all(b <= a for a, b in zip(p, q, strict=True))
+            if j != i and no_worse and (any(b < a for a, b in zip(p, q, strict=True)) or j < i):
+                dominated = True
+                break
+        if not dominated:
+            keep.append(i)
+    return keep
+
+
+def candidates(
+    trials: Iterable[FrozenTrial],
+    *,
+    kind: str,
+    size_metric: str,
+    top_k: int = 5,
+    max_degradation: float | None = None,
+) -> list[Candidate]:
+    """The Pareto set (``kind="multi"``, sorted by size) or the top-k by fitness (``"fitness"``, best first)."""
+    done = [t for t in evaluated_trials(trials) if is_feasible(t.user_attrs, max_degradation)]
+    key = size_key(size_metric)
+    if kind == "multi":
+        front = [
+            done[i] for i in pareto_indices([(t.user_attrs["perplexity"], t.user_attrs[key]) for t in done])
+        ]
+        chosen = sorted(front, key=lambda t: t.user_attrs[key])
+    else:
+        chosen = sorted(done, key=lambda t: t.user_attrs[f"fitness_{size_metric}"], reverse=True)[:top_k]
+    return [Candidate.of(t) for t in chosen]
+
+
+def verify(cands: Sequence[Candidate], score: Callable[[Plan], PlanScore]) -> list[Verified]:
+    """Re-score every candidate with ``score`` (the report split)."""
+    return [Verified(c, score(c.plan)) for c in cands]
+
+
+def paired_fitness_difference(
+    a: PlanScore, b: PlanScore, base: EvalResult, metric: str, *, n_boot: int = 4000, seed: int = 0
+) -> tuple[float, float, float]:
+    """fitness(a) - fitness(b) on the same windows, with a 95% paired bootstrap interval over windows.
+
+    Windows are resampled together for a, b and the baseline (the same resample for all three), and each
+    resample's fitnesses are recomputed exactly (compression is fixed; degradation from the resampled NLL sums,
+    clipped at 0 as the fitness clips it). Returns (difference, low, high).
+    """
+    ra, rb = a.result, b.result
+    for r in (ra, rb):
+        if not (r.ok and torch.equal(r.window_tokens, base.window_tokens)):
+            raise ValueError("paired comparison needs both plans scored on the baseline's windows")
+    nll = torch.stack([ra.window_nll, rb.window_nll, base.window_nll]).double()  # [3, W]
+    tokens = base.window_tokens.double()  # [W]
+    n = tokens.numel()
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)  # [n_boot, W]
+    counts = torch.zeros(n_boot, n, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones_like(idx, dtype=torch.float64)
+    )
+    sums = counts @ nll.T  # [n_boot, 3]
+    toks = counts @ tokens  # [n_boot]
+    ppl = torch.exp(sums / toks[:, None])
+    deg = (ppl[:, :2] / ppl[:, 2:3] - 1).clamp(min=0)  # [n_boot, 2]
+    comp = torch.tensor([a.compression(metric), b.compression(metric)], dtype=torch.float64)
+    diff = (comp - a.penalty * deg) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
+    point = (a.fitness(metric) or 0.0) - (b.fitness(metric) or 0.0)
+    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return point, lo, hi
