@@ -6,8 +6,23 @@ Each format is a small frozen dataclass registered under a unique name. A format
       - ``seed_bytes``: the seed project's convention, numel x bits / 8, no scales;
       - ``packed_bytes``: the real cost, low-bit codes packed densely plus the scales at their stored dtype.
 
-Integer formats are symmetric (no zero point): ``scale = max|w| / qmax`` with ``qmax = 2**(bits-1) - 1`` and codes
-clamped to ``[-2**(bits-1), qmax]``, exactly the seed's INT8 (qmax 127) and INT4 (qmax 7) definitions.
+Integer formats are symmetric (no zero point) with ``qmax = 2**(bits-1) - 1`` and codes in ``[-2**(bits-1), qmax]``
+(the seed's INT8 has qmax 127, its INT4 qmax 7). The model simulated is the model priced: scales are stored as fp16
+(``IntFormat.scale_bytes = 2``), so they are rounded to fp16 before dequantizing. The arithmetic follows ggml's
+reference quantizers (``quantize_row_q8_0_ref``, gguf-py's ``Q8_0``) bit for bit, so that a later GGUF export of
+the same codes and scales reproduces exactly the weights that were evaluated (``int8_g32`` on a ``[out, in]``
+weight *is* Q8_0). Per group of values ``w`` (all fp32)::
+
+    d     = max|w| / qmax                          # fp32 scale
+    codes = clamp(roundf(w * (1 / d)))             # reciprocal, then round half away from zero (C roundf)
+    w'    = codes * fp16(d)                        # dequantized with the stored (fp16) scale
+
+The fp16 range is guarded: a scale above fp16's largest finite value (65504, i.e. ``max|w| > 65504 * qmax``, never
+seen in trained LMs) is saturated to 65504 before the codes are computed, so the group clips instead of
+dequantizing to inf; a scale that underflows to fp16 zero (``max|w| < qmax * 2**-25``) stores an all-zero group
+(error below that bound). Scales in fp16's subnormal range (``d < 2**-14``) are kept, as ggml keeps them, with their
+coarser precision. So every dequantized value is exactly ``code * stored_scale``.
+
 Granularities (where the scale is shared):
   * ``tensor``:  one scale for the whole tensor (the seed's INT8);
   * ``channel``: one scale per output channel (``channel_dim`` of the parameter: dim 1 for GPT-2's Conv1D
@@ -73,6 +88,14 @@ class FloatFormat(Format):
 
 
 GRANULARITIES = ("tensor", "channel", "flat", "group")
+_FP16_MAX = torch.finfo(torch.float16).max  # 65504.0
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C ``roundf`` (half away from zero), exactly: ``floor(x + 0.5)`` would round 0.49999997 up in fp32."""
+    a = x.abs()
+    whole = a.floor()
+    return torch.copysign(whole + (2 * (a - whole)).floor(), x)
 
 
 @dataclass(frozen=True)
@@ -101,12 +124,25 @@ class IntFormat(Format):
         return self.granularity
 
     def _quant_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize each row of a 2-D tensor ``[n_groups, group]`` with its own scale."""
+        """Fake-quantize each row of a 2-D tensor ``[n_groups, group]`` with its own scale (module docstring)."""
+        codes, scale = self.quantize_rows(rows)
+        return codes * scale
+
+    def quantize_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes ``[n_groups, group]`` (integers held as fp32) and stored scales ``[n_groups, 1]`` (fp16 values
+        held as fp32) of each row of ``rows`` ``[n_groups, group]``; ``codes * scales`` is the fake-quantized row."""
         amax = rows.abs().amax(dim=1, keepdim=True)
-        scale = amax / self.qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: codes are 0 anyway
-        q = torch.round(rows / scale).clamp_(-self.qmax - 1, self.qmax)
-        return q * scale
+        # Divisions by tensors, not Python numbers: CUDA turns ``t / 7`` into ``t * (1 / 7)``, which differs from
+        # the IEEE quotient (and from the CPU and ggml) in the last bit.
+        scale = (amax / torch.full_like(amax, self.qmax)).clamp_(
+            max=_FP16_MAX
+        )  # fp32, saturated to fp16's max
+        stored = scale.to(torch.float16).to(torch.float32)
+        inv = torch.where(
+            stored > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale)
+        )  # underflow: codes 0
+        codes = _roundf(rows * inv).clamp_(-self.qmax - 1, self.qmax)
+        return codes, stored
 
     def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
         w = w.to(torch.float32)
