@@ -239,6 +239,23 @@ class Evaluator:
             error = f"perplexity overflows (mean NLL {total / self.n_tokens:.1f})"
         return EvalResult(total, self.n_tokens, window_nll, self.window_tokens, seconds, error)
 
+    # Per-batch access, for work that keeps state per batch (qsweep.prefix, qsweep.search.sensitivity).
+    @property
+    def n_batches(self) -> int:
+        return len(self._batches)
+
+    def batch_inputs(self, i: int) -> torch.Tensor:
+        """The token ids ``[B, T]`` of batch ``i``; :meth:`evaluate` runs the batches in index order."""
+        return self._batches[i].inputs
+
+    def batch_nll(self, model: nn.Module, i: int) -> torch.Tensor:
+        """NLL ``[M]`` of batch ``i``'s scored tokens, eager and outside inference mode (autograd can follow it)."""
+        b = self._batches[i]
+        fast = self.dtype != "fp32"
+        with torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=fast):
+            head = model.get_output_embeddings()
+            return _score_batch(model.base_model, head, b.inputs, b.positions, b.targets, self.logits_chunk)
+
 
 def _score_batch(
     base: nn.Module,
