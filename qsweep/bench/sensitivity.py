@@ -36,6 +36,18 @@ def _ratio(proxy, measured) -> float:
     return statistics.median(r) if r else float("nan")
 
 
+def _within_formats(proxy, measured) -> tuple[float, float]:
+    """The lowest and highest Spearman correlation over units within one format (each non-base format)."""
+    from scipy.stats import spearmanr
+
+    by_fmt: dict[str, list[tuple[float, float]]] = {}
+    for m in measured.rows:
+        if m.format != measured.base_plan[m.unit]:
+            by_fmt.setdefault(m.format, []).append((m.delta_nll_per_token, proxy.delta(m.unit, m.format)))
+    rho = [float(spearmanr(*zip(*v, strict=True)).statistic) for v in by_fmt.values() if len(v) > 2]
+    return min(rho), max(rho)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="write the tables (JSON + CSV) here")
@@ -74,8 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nlargest |delta| difference cached vs uncached: {diff:.3g} nats/token; "
           f"saving {1 - cached.seconds / uncached.seconds:.1%} of wall time, "
           f"{1 - cached.info['block_forwards'] / cached.info['block_forwards_uncached']:.1%} of block forwards")  # fmt: skip
-    print("\n| proxy | batches | seconds | full evals | Spearman vs measured | median proxy/measured |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| proxy | batches | seconds | full evals | Spearman vs measured | within one format | "
+          "median proxy/measured |\n| --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     proxies = {}
     for fisher in ("rademacher", "batch"):
         for nb in [*args.batches, None]:
@@ -83,8 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             p = proxy_table(s, space, max_batches=nb, fisher=fisher, full_eval_seconds=ref)
             proxies[(fisher, nb)] = p
+            lo, hi = _within_formats(p, cached)
             print(f"| {fisher} | {p.info['batches']}/{ev.n_batches} | {p.seconds:.2f} | {p.cost_evals:.2f} | "
-                  f"{rank_correlation(cached, p):.3f} | {_ratio(p, cached):.2f} |")  # fmt: skip
+                  f"{rank_correlation(cached, p):.3f} | {lo:.3f}-{hi:.3f} | {_ratio(p, cached):.2f} |")  # fmt: skip
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         cached.save(args.out / "measured.json")
