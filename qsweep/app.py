@@ -25,6 +25,7 @@ from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
 from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
+from qsweep.search.phases import interactions, run_phases, stored_or_new_sensitivity
 from qsweep.search.samplers import make_sampler
 from qsweep.search.select import (
     Candidate,
@@ -41,7 +42,6 @@ from qsweep.search.study import (
     display_url,
     open_storage,
     open_study,
-    optimize,
     reference_plans,
     storage_url,
     study_identity,
@@ -153,8 +153,15 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     objective.remember(study.get_trials(deepcopy=False))
     # Ctrl-C and `kill` (also when started in the background, where SIGINT arrives ignored) stop the study cleanly
     previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    table, budget = None, search.n_trials
     try:
-        optimize(study, objective, search.n_trials, search.timeout_s)
+        if search.warm_start:
+            table = stored_or_new_sensitivity(
+                study, session, space, search.sensitivity, cfg.eval.search_split, search.sensitivity_tokens
+            )
+            table.save(out_dir / "sensitivity.json")
+            table.write_csv(out_dir / "sensitivity.csv")
+        budget = run_phases(study, objective, space, session, search, table)
     except KeyboardInterrupt:
         log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
                     count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
@@ -187,6 +194,15 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "seed": search.seed,
         "identity": identity,
         "n_trials_done": count_done(study),
+        "sensitivity": None
+        if table is None
+        else {
+            "kind": table.kind,
+            "cost_evals": table.cost_evals,
+            "seconds": table.seconds,
+            "file": str(out_dir / "sensitivity.json"),
+        },
+        "trial_budget": budget,
         "n_trials_failed": sum(t.state.name == "FAIL" for t in trials),
         "n_duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
         "n_evaluated_this_run": objective.n_evaluated,
@@ -205,7 +221,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     points = [
         {**t.user_attrs, "enqueued_as": t.user_attrs.get("enqueued_as", "")} for t in evaluated_trials(trials)
     ]
-    write_reports(out_dir, summary=summary, entries=entries, best_plan=None if best is None else best.candidate.plan,
+    write_reports(out_dir, summary=summary, interactions=interactions(trials, table), entries=entries, best_plan=None if best is None else best.candidate.plan,
                   points=points, size_key=size_key(search.size_metric), title=name)  # fmt: skip
     if best is not None:
         r = best.report

@@ -5,7 +5,10 @@ Files written to the run directory:
     its search-split and report-split records (qsweep.score's record names), and the best plan;
   * ``pareto.csv``: one row per candidate, the two records side by side (``search_*`` / ``report_*``);
   * ``best_plan.yaml``: the best candidate's plan, a plan file (``plan_file=...``);
-  * ``pareto.png``: every evaluated trial (size vs search-split perplexity), the candidates and the reference plans.
+  * ``pareto.png``: every evaluated trial (size vs search-split perplexity), the candidates and the reference plans;
+  * ``interactions.csv`` / ``.png`` (warm-started studies): for every evaluated plan, the degradation the additive
+    sensitivity model predicts vs the one measured, and where the plan came from (uniform, allocator, sampler,
+    refine): where the points leave the diagonal, the units interact and the additive model breaks.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 from qsweep.plan import Plan
 from qsweep.score import RECORD_FIELDS
 
-__all__ = ["CSV_FIELDS", "candidate_entry", "csv_row", "plot_front", "write_reports"]
+__all__ = ["CSV_FIELDS", "candidate_entry", "csv_row", "plot_front", "plot_interactions", "write_reports"]
 
 log = logging.getLogger("qsweep")
 
@@ -62,10 +65,17 @@ def write_reports(
     points: Sequence[Mapping],
     size_key: str,
     title: str,
+    interactions: Sequence[Mapping] = (),
 ) -> None:
-    """Write results.json, pareto.csv, best_plan.yaml and pareto.png (see module docstring)."""
+    """Write results.json, pareto.csv, best_plan.yaml, pareto.png and, with a sensitivity table, interactions.csv
+    and interactions.png (see module docstring)."""
     import csv
 
+    if interactions:
+        with (out_dir / "interactions.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(interactions[0]))
+            w.writeheader()
+            w.writerows(interactions)
     with (out_dir / "pareto.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -76,6 +86,8 @@ def write_reports(
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     try:
         plot_front(points, entries, size_key, title, out_dir / "pareto.png")
+        if interactions:
+            plot_interactions(interactions, title, out_dir / "interactions.png")
     except ImportError:
         log.warning("matplotlib is not installed: no pareto.png (pip install matplotlib)")
 
@@ -106,6 +118,34 @@ def plot_front(
     ax.set_yscale("log")
     ax.set_xlabel(f"{size_key.removesuffix('_bytes').replace('_', ' ')} (MB)")
     ax.set_ylabel("perplexity (search split)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_interactions(rows: Sequence[Mapping], title: str, path: Path) -> Path:
+    """Predicted (additive) vs measured degradation per evaluated plan, coloured by source, with the diagonal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 5.5))
+    for source in sorted({r["source"] for r in rows}):
+        sel = [r for r in rows if r["source"] == source]
+        ax.scatter([100 * r["predicted_degradation"] for r in sel], [100 * r["measured_degradation"] for r in sel],
+                   s=14, label=f"{source} ({len(sel)})")  # fmt: skip
+    lo = min(0.0, *(100 * min(r["predicted_degradation"], r["measured_degradation"]) for r in rows))
+    hi = max(100 * max(r["predicted_degradation"], r["measured_degradation"]) for r in rows)
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_xlabel("predicted degradation, additive model (%)")
+    ax.set_ylabel("measured degradation (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)

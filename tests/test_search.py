@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shlex
@@ -26,7 +27,9 @@ from qsweep.plan import PlanError
 from qsweep.search.space import SearchSpace
 
 # Tiny evaluations: 1,024 tokens of each split, windows of 128.
-FAST = ["eval.max_tokens=1024", "eval.context=128", "precision=seed", "search.enqueue=[uniform]"]
+FAST = ["eval.max_tokens=1024", "eval.context=128", "precision=seed", "search.enqueue=[uniform]",
+        "search.warm_start=false", "search.refine_trials=0"]  # fmt: skip
+WARM = ["search.warm_start=true", "search.refine_trials=3", "search.warm_start_plans=4"]
 UNIFORM = ["uniform:fp16", "uniform:int8", "uniform:int4"]
 
 
@@ -103,6 +106,35 @@ def test_study_end_to_end(tmp_path, search):
         assert vs["difference"] == pytest.approx(
             vs["best_report_fitness_packed"] - vs["uniform_report_fitness_packed"]
         )
+
+
+def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interactions(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = compose_cfg("+search=tpe", "search.n_trials=16", "search.sampler_options.n_startup_trials=3", *WARM,
+                      tmp_path=tmp_path)  # fmt: skip
+    summary = run_search(cfg, out)
+    results = json.loads((out / "results.json").read_text())
+    table = json.loads((out / "sensitivity.json").read_text())
+    menu = yaml.safe_load((config_dir() / "precision" / "seed.yaml").read_text())["menu"]
+    rows = {(r["unit"], r["format"]) for r in table["rows"]}
+    assert len(rows) == len(table["rows"]) == 26 * 3 + 25  # 26 searchable units x 3 formats, 25 LayerNorms x fp32
+    assert menu[1]["formats"] == ["fp16", "int8", "int4"]
+    cost = results["sensitivity"]["cost_evals"]
+    assert results["trial_budget"] == 16 - math.ceil(cost) == results["n_trials_done"]
+    trials = study_of(summary).trials
+    labels = [t.user_attrs.get("enqueued_as", "") for t in trials]
+    allocator = [t for t, lab in zip(trials, labels, strict=True) if lab.startswith("allocator:")]
+    refine = [t for t, lab in zip(trials, labels, strict=True) if lab.startswith("refine:")]
+    assert labels[:3] == UNIFORM and 1 <= len(allocator) <= 4 and len(refine) == min(3, len(trials) - 3 - len(allocator))
+    assert all("predicted_fitness" in t.user_attrs for t in allocator + refine)
+    assert trials[-len(refine):] == refine  # the refine step runs last
+    digests = [t.user_attrs["plan_digest"] for t in refine]
+    assert len(set(digests)) == len(digests)  # it never proposes a measured plan
+    inter = list(csv.DictReader((out / "interactions.csv").open()))
+    assert len(inter) == len({t.user_attrs["plan_digest"] for t in trials if t.state.name == "COMPLETE"})
+    assert {r["source"] for r in inter} >= {"uniform", "allocator"}
+    assert (out / "interactions.png").stat().st_size > 5_000
 
 
 def test_pareto_csv_is_the_brute_force_front_of_the_study(tmp_path):
@@ -337,7 +369,7 @@ def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
 def test_multirun_runs_four_studies(tmp_path):
     # non-swept keys of an opt-in group are set with choice(): Hydra checks plain overrides before adding the group
     proc = cli("-m", "+search=nsga2,tpe", "search.seed=0,1", "search.n_trials=choice(3)", "search.enqueue=choice([])",
-               *FAST[:3],
+               "search.warm_start=choice(false)", *FAST[:3],
                f"hydra.sweep.dir={tmp_path / 'multi'}", tmp_path=tmp_path)  # fmt: skip
     results = sorted((tmp_path / "multi").glob("*/results.json"))
     assert len(results) == 4, proc.stdout[-2000:]

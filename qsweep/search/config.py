@@ -19,6 +19,7 @@ from qsweep.score import SIZE_METRICS
 __all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
 
 OBJECTIVES = ("multi", "fitness")
+SENSITIVITIES = ("proxy", "measured")
 
 
 @dataclass
@@ -35,6 +36,15 @@ class SearchConfig:
     max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
     timeout_s: float | None = None
+    # warm start (qsweep.search.warmstart): allocator plans from a sensitivity table go first; its cost, in full
+    # evaluations, is taken from n_trials
+    warm_start: bool = True
+    sensitivity: str = (
+        "proxy"  # proxy: one forward+backward pass | measured: one evaluation per (unit, format)
+    )
+    sensitivity_tokens: int | None = 8192  # proxy: how many tokens of the search split it reads (null: all)
+    warm_start_plans: int = 8
+    refine_trials: int = 10  # measured local search at the end (qsweep.search.refine); part of n_trials
 
 
 def search_config(raw) -> SearchConfig:
@@ -65,6 +75,16 @@ def search_config(raw) -> SearchConfig:
         )
     if s.max_degradation is not None and s.max_degradation < 0:
         raise ConfigError(f"search.max_degradation must be >= 0, got {s.max_degradation}")
+    if s.sensitivity not in SENSITIVITIES:
+        raise ConfigError(
+            f"unknown search.sensitivity {s.sensitivity!r}{did_you_mean(s.sensitivity, SENSITIVITIES)}; "
+            f"valid: {', '.join(SENSITIVITIES)}"
+        )
+    if s.warm_start_plans < 0 or s.refine_trials < 0:
+        raise ConfigError(
+            f"search.warm_start_plans and search.refine_trials must be >= 0, got {s.warm_start_plans}, "
+            f"{s.refine_trials}"
+        )
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
     return s

@@ -36,6 +36,7 @@ __all__ = [
     "count_done",
     "default_study_name",
     "display_url",
+    "enqueue_plans",
     "open_storage",
     "open_study",
     "optimize",
@@ -188,15 +189,7 @@ def open_study(
         optuna.storages.fail_stale_trials(study)  # trials of a killed process: failed and retried once stale
     for key, value in dict(attrs).items():
         study.set_user_attr(key, value)
-    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    have = {
-        t.user_attrs.get("enqueued_as")
-        for t in study.get_trials(deepcopy=False)
-        if t.state in live or is_done(t)
-    }
-    for label, params in enqueue.items():
-        if label not in have:  # new, or its trial was interrupted: (re-)enqueue it
-            study.enqueue_trial(params, user_attrs={"enqueued_as": label})
+    enqueue_plans(study, enqueue)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     if running:
         log.warning("study %r has running trials %s (another worker, or a killed one: retried once its heartbeat "
@@ -204,18 +197,53 @@ def open_study(
     return study
 
 
+def enqueue_plans(
+    study: optuna.Study, plans: Mapping[str, dict], attrs: Mapping[str, Mapping] | None = None
+) -> int:
+    """Enqueue each labelled plan (trial parameters) unless the study has it waiting, running or done; a plan whose
+    trial was interrupted is enqueued again. ``attrs`` adds user attributes per label. Returns how many."""
+    live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    have = {
+        t.user_attrs.get("enqueued_as")
+        for t in study.get_trials(deepcopy=False)
+        if t.state in live or is_done(t)
+    }
+    n = 0
+    for label, params in plans.items():
+        if label not in have:
+            study.enqueue_trial(
+                params, user_attrs={"enqueued_as": label, **dict((attrs or {}).get(label, {}))}
+            )
+            n += 1
+    return n
+
+
 def count_done(study: optuna.Study) -> int:
     return sum(is_done(t) for t in study.get_trials(deepcopy=False))
 
 
-class _DropInterruptTracebacks(logging.Filter):
-    """Optuna logs an interrupted trial with its traceback; the app says one line instead."""
+class _QuietInterrupt(logging.Filter):
+    """Optuna logs an interrupted trial with its traceback, then "failed with value None"; the app says one line
+    instead. Attached to the logger that emits them, so no handler (Optuna's, Hydra's) sees them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and record.exc_info[0] is KeyboardInterrupt)
+        if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+            self.interrupted = True
+            return False
+        return not (self.interrupted and "failed with value None" in record.getMessage())
 
 
-def optimize(study: optuna.Study, objective: Callable, n_trials: int, timeout: float | None = None) -> int:
+def optimize(
+    study: optuna.Study,
+    objective: Callable,
+    n_trials: int,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> int:
     """Run trials until ``n_trials`` are done in total (all workers together); returns how many this call ran."""
     remaining = n_trials - count_done(study)
     if remaining <= 0:
@@ -228,15 +256,12 @@ def optimize(study: optuna.Study, objective: Callable, n_trials: int, timeout: f
             study.stop()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet = _DropInterruptTracebacks()
-    handlers = logging.getLogger("optuna").handlers
-    for h in handlers:
-        h.addFilter(quiet)
+    quiet, emitter = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
+    emitter.addFilter(quiet)
     before = len(study.get_trials(deepcopy=False))
     try:
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[stop_at_total],
-                       show_progress_bar=True, catch=())  # fmt: skip
+                       show_progress_bar=progress, catch=())  # fmt: skip
     finally:
-        for h in handlers:
-            h.removeFilter(quiet)
+        emitter.removeFilter(quiet)
     return len(study.get_trials(deepcopy=False)) - before

@@ -1,0 +1,241 @@
+"""Benchmark: do the search methods find mixed plans better than uniform ones, and how fast? Prints tables.
+
+    python -m qsweep.bench.search --menu lowbit --budgets 25,50,100,200 --seeds 0,1,2 --out bench_search.json
+
+On the bundled model (model=tiny data=tiny, eval=standard), every method searches the validation split with the
+budget counted in full evaluations (the sensitivity pass of the warm-started methods included, as a study counts
+it), and the best plan by validation fitness is then scored on the test split (fitness with a paired 95% interval
+from the degradation's interval). Methods:
+
+  random, tpe, nsga2        the Optuna samplers, uniform plans enqueued, no warm start (search.warm_start=false)
+  allocator                 proxy sensitivity + the exact allocator's plans (best predicted fitness first), no sampler
+  tpe_warm, nsga2_warm      warm start (proxy sensitivity, allocator plans) + sampler + refine (the default study)
+
+Samplers without a refine step are anytime: one run to the largest budget, read at every budget. Warm-started runs
+end with a refine step sized to their budget, so each budget is its own run. Columns: best validation fitness
+(median over seeds, and min-max), its percentage of the reference front's best (qsweep/bench/data, built by
+``python -m qsweep.bench.reference``), the same plan's test fitness (median) and the interval of the median seed,
+the hypervolume of the validation front relative to the reference front's, and the first evaluation at which a
+run reached 99% and 100% of the reference best (median over seeds; '-' if not within the budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import optuna
+import torch
+from omegaconf import OmegaConf
+
+from qsweep.bench.hypervolume import hypervolume_ratio, ratio_point
+from qsweep.bench.reference import load_reference, session_token_fingerprint
+from qsweep.errors import ConfigError
+from qsweep.search.config import search_config
+from qsweep.search.objective import Objective
+from qsweep.search.phases import new_sensitivity, run_phases
+from qsweep.search.samplers import make_sampler
+from qsweep.search.select import Candidate, evaluated_trials, pareto_indices
+from qsweep.search.space import SearchSpace
+from qsweep.search.study import enqueue_plans, reference_plans
+
+__all__ = ["METHODS", "main", "run_method"]
+
+METHODS = ("random", "tpe", "nsga2", "allocator", "tpe_warm", "nsga2_warm")
+_SAMPLER = {"random": "random", "tpe": "tpe", "nsga2": "nsga2", "allocator": "random", "tpe_warm": "tpe",
+            "nsga2_warm": "nsga2"}  # fmt: skip
+METRIC = "packed"
+
+
+def _session(menu: str, device: str, extra: Sequence[str] = ()):
+    from hydra import compose, initialize_config_dir
+
+    from qsweep.config import register_configs
+    from qsweep.paths import config_dir
+    from qsweep.session import EvalSession
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "data=tiny", "eval=standard", f"precision={menu}",
+                                           f"eval.device={device}", "+search=tpe", *extra])  # fmt: skip
+    return cfg, EvalSession(cfg)
+
+
+def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, budget: int) -> list:
+    """One study of ``method`` with ``budget`` full evaluations on the validation split (in memory); its trials."""
+    warm = method in ("allocator", "tpe_warm", "nsga2_warm")
+    raw = OmegaConf.to_container(cfg.search, resolve=True)
+    raw.update(sampler=_SAMPLER[method], name=method, seed=seed, n_trials=budget, warm_start=warm,
+               objective="multi" if method.startswith("nsga2") or method == "random" else "fitness")  # fmt: skip
+    if method.startswith("nsga2"):
+        raw["sampler_options"] = {"population_size": 24}
+    if _SAMPLER[method] == "random":
+        raw["sampler_options"] = {}
+    uniform = reference_plans(["uniform"], space, session.table, cfg.precision.name)
+    if (
+        method == "allocator"
+    ):  # the allocator's plans only: as many as the budget holds, no sampler, no refine
+        raw.update(
+            refine_trials=0, warm_start_plans=max(1, budget - math.ceil(table.cost_evals) - len(uniform))
+        )
+    if not warm:
+        raw["refine_trials"] = 0
+    search = search_config(raw)
+    objective = Objective(space, lambda plan: session.score(plan, "validation"), kind=search.objective,
+                          size_metric=METRIC)  # fmt: skip
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    sampler = make_sampler(search.sampler, seed, search.sampler_options)
+    study = optuna.create_study(directions=objective.directions, sampler=sampler)
+    enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
+    if method == "allocator":
+        search = replace(
+            search, n_trials=math.ceil(table.cost_evals) + len(uniform) + search.warm_start_plans
+        )
+    run_phases(study, objective, space, session, search, table if warm else None)
+    return study.get_trials(deepcopy=False)
+
+
+def _fit(t) -> float:
+    return t.user_attrs[f"fitness_{METRIC}"]
+
+
+def _within(trials, n: int) -> list:
+    """The trials of the first ``n`` evaluations (a duplicate, answered from the study, costs none)."""
+    out, used = [], 0
+    for t in sorted(trials, key=lambda t: t.number):
+        if "plan_digest" not in t.user_attrs:
+            continue
+        if "duplicate_of" not in t.user_attrs:
+            if used >= n:
+                break
+            used += 1
+        out.append((used, t))
+    return out
+
+
+def _summary(trials, budget: int, cost: float, ref, session) -> dict:
+    """Best validation fitness within ``budget`` evaluations (sensitivity cost counted), and the front's HV."""
+    within = _within(trials, max(0, budget - math.ceil(cost)))
+    done = evaluated_trials([t for _, t in within])
+    best = max(done, key=_fit)
+    base = session.baseline_perplexity("validation")
+    pts = [ratio_point(t.user_attrs[f"{METRIC}_size_bytes"], t.user_attrs["perplexity"], session.baseline_size_bytes,
+                       base) for t in done]  # fmt: skip
+    front = [pts[i] for i in pareto_indices(pts)]
+    reach = dict.fromkeys((0.99, 1.0))
+    for target in reach if ref else ():
+        hit = next((k for k, t in within if t in done and _fit(t) >= target * ref.best_fitness[METRIC]), None)
+        reach[target] = None if hit is None else hit + math.ceil(cost)
+    hv = hypervolume_ratio(front, ref.points(METRIC)) if ref else None
+    return {"best": best, "fitness": _fit(best), "hv": hv, "reach": reach}
+
+
+def _test(best, session) -> tuple[float, float, float]:
+    s = session.score(Candidate.of(best).plan, "test")
+    lo, hi = s.degradation_ci95 or (math.nan, math.nan)
+    c = s.compression(METRIC)
+    return s.fitness(METRIC), c - s.penalty * max(0.0, hi), c - s.penalty * max(0.0, lo)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--menu", default="lowbit")
+    ap.add_argument("--budgets", default="25,50,100,200")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--out", default=None, help="write the per-run numbers as JSON")
+    ap.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides (e.g. eval.max_tokens=2048 for a smoke run)"
+    )
+    args = ap.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    cfg, session = _session(args.menu, args.device, args.overrides)
+    space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
+    try:
+        ref = load_reference(args.menu)
+    except ConfigError as e:  # no reference front for this menu: no reference columns
+        print(f"# {e}")
+        ref = None
+    if ref is not None and ref.protocol.get("token_sha256") != session_token_fingerprint(
+        session, "validation"
+    ):
+        print("# the reference front was measured on other validation tokens (the bundled corpus depends on the "
+              "Python version; pass the reference's data.path): no reference columns")  # fmt: skip
+        ref = None
+    session.baseline("validation")
+    session.baseline("test")
+    full = statistics.median(session.evaluate(session.baseline_plan, "validation").seconds for _ in range(3))
+    print(f"# bundled model, menu {args.menu}, {METRIC} sizes; device {session.device} "
+          f"({torch.cuda.get_device_name() if session.device.type == 'cuda' else 'cpu'}); one validation evaluation "
+          f"{full:.3f} s" + (f"; reference best fitness_{METRIC} {ref.best_fitness[METRIC]:.4f} ({ref.n_evaluations} "
+          "evaluations)" if ref else ""))  # fmt: skip
+    # as a study makes it (search.sensitivity_tokens of the split); one table serves every seed
+    table = new_sensitivity(session, space, "proxy", "validation", cfg.search.sensitivity_tokens, full)
+    print(f"# proxy sensitivity: {table.seconds:.2f} s = {table.cost_evals:.2f} evaluations", flush=True)
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            start = time.perf_counter()
+            anytime = method in ("random", "tpe", "nsga2")
+            runs = {max(budgets): run_method(method, cfg, session, space, table, seed, max(budgets))} if anytime else {
+                b: run_method(method, cfg, session, space, table, seed, b) for b in budgets}  # fmt: skip
+            for b in budgets:
+                trials = runs[max(budgets)] if anytime else runs[b]
+                cost = 0.0 if method in ("random", "tpe", "nsga2") else table.cost_evals
+                s = _summary(trials, b, cost, ref, session)
+                test = _test(s["best"], session)
+                rows.append({"method": method, "seed": seed, "budget": b, "val_fitness": s["fitness"], "hv": s["hv"],
+                             "test_fitness": test[0], "test_ci95": test[1:], "reach99": s["reach"][0.99],
+                             "reach100": s["reach"][1.0], "uniform_best": s["best"].user_attrs.get("enqueued_as", "").startswith("uniform:"),
+                             "sensitivity_cost": cost})  # fmt: skip
+            print(f"  {method} seed {seed}: {time.perf_counter() - start:.1f} s", flush=True)
+    _print(rows, methods, budgets, ref)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(
+                {"menu": args.menu, "reference_best": ref and ref.best_fitness[METRIC], "rows": rows},
+                f,
+                indent=1,
+            )
+    return 0
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _print(rows, methods, budgets, ref) -> None:
+    best = ref.best_fitness[METRIC] if ref else math.nan
+    print(
+        "\n| budget | method | val fitness (median [min, max]) | % of ref | test fitness (median seed's 95% CI) "
+        "| HV ratio | evals to 99% / 100% of ref | best is uniform |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for b in budgets:
+        for m in methods:
+            rs = sorted(
+                (r for r in rows if r["method"] == m and r["budget"] == b), key=lambda r: r["val_fitness"]
+            )
+            if not rs:
+                continue
+            mid = rs[len(rs) // 2]
+            v = [r["val_fitness"] for r in rs]
+            r99, r100 = _med([r["reach99"] for r in rs]), _med([r["reach100"] for r in rs])
+            fmt = lambda x: "-" if x is None else f"{x:.0f}"  # noqa: E731
+            fmt3 = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+            print(f"| {b} | {m} | {mid['val_fitness']:.4f} [{v[0]:.4f}, {v[-1]:.4f}] | {100 * mid['val_fitness'] / best:.1f} "
+                  f"| {_med([r['test_fitness'] for r in rs]):.4f} ({mid['test_ci95'][0]:.3f}, {mid['test_ci95'][1]:.3f}) "
+                  f"| {fmt3(_med([r['hv'] for r in rs]))} | {fmt(r99)} / {fmt(r100)} | {sum(r['uniform_best'] for r in rs)}/{len(rs)} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,166 @@
+"""The phases of a search after its study is open: warm start, sampler, refine (shared by the app and benchmarks).
+
+sensitivity table (stored in the study; a resume reuses it)   its cost, in full evaluations, is taken from
+                                                              search.n_trials
+allocator plans enqueued (qsweep.search.warmstart)            generation 0 / startup trials of the sampler
+sampler trials (Optuna) until n_trials - cost - refine_trials
+refine trials (qsweep.search.refine)                          measured local search until the budget
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import optuna
+
+from qsweep.score import size_key
+from qsweep.search.config import SearchConfig
+from qsweep.search.objective import Objective
+from qsweep.search.refine import Measured, propose
+from qsweep.search.select import Candidate, evaluated_trials
+from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
+from qsweep.search.space import SearchSpace
+from qsweep.search.study import count_done, enqueue_plans, optimize
+from qsweep.search.warmstart import allocator_plans
+
+__all__ = ["interactions", "new_sensitivity", "run_phases", "stored_or_new_sensitivity"]
+
+log = logging.getLogger("qsweep")
+
+
+def new_sensitivity(
+    session,
+    space: SearchSpace,
+    kind: str,
+    split: str,
+    tokens: int | None = None,
+    full_eval_seconds: float | None = None,
+) -> SensitivityTable:
+    """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all)."""
+    full = full_eval_seconds or session.baseline(split).seconds
+    log.info(
+        "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
+        kind,
+        len(space.searchable),
+        split,
+    )
+    if kind == "proxy":
+        ev = session.evaluator(split)
+        share = 1.0 if not tokens else min(1.0, tokens / ev.n_tokens)
+        table = proxy_table(session, space, split, full_eval_seconds=full,
+                            max_batches=max(1, math.ceil(share * ev.n_batches)))  # fmt: skip
+    else:
+        table = measured_table(session, space, split)
+    log.info("warm start: %s sensitivity took %.1f s (%.1f full evaluations)", kind, table.seconds,
+             table.cost_evals)  # fmt: skip
+    return table
+
+
+def stored_or_new_sensitivity(
+    study: optuna.Study, session, space: SearchSpace, kind: str, split: str, tokens: int | None = None
+) -> SensitivityTable:
+    """The study's stored sensitivity table (a resume reuses it), or a new one, stored in the study."""
+    stored = study.user_attrs.get("sensitivity")
+    if stored is not None:
+        table = SensitivityTable.from_dict(stored, f"study {study.study_name!r}: sensitivity table")
+        log.info("warm start: the study's %s sensitivity table (cost %.1f evaluations, paid before)", table.kind,
+                 table.cost_evals)  # fmt: skip
+        return table
+    table = new_sensitivity(session, space, kind, split, tokens)
+    study.set_user_attr("sensitivity", table.to_dict())
+    return table
+
+
+def _measured(trials, metric: str) -> list[Measured]:
+    return [
+        Measured(
+            Candidate.of(t).plan, math.log1p(t.user_attrs["degradation"]), t.user_attrs[size_key(metric)]
+        )
+        for t in evaluated_trials(trials)
+        if t.user_attrs["degradation"] > -1
+    ]
+
+
+def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
+            metric: str, budget: int) -> None:  # fmt: skip
+    """Measured local search (qsweep.search.refine) until ``budget`` trials are done."""
+    sizes = table.unit_sizes(metric)
+    start = count_done(study)
+    while count_done(study) < budget:
+        props = propose(_measured(study.get_trials(deepcopy=False), metric), table, space, sizes,
+                        baseline_bytes=session.baseline_size_bytes, penalty=session.penalty)  # fmt: skip
+        if not props:
+            log.info("refine: no unmeasured neighbour left")
+            return
+        p = props[0]
+        k = sum(
+            t.user_attrs.get("enqueued_as", "").startswith("refine:")
+            for t in study.get_trials(deepcopy=False)
+        )
+        enqueue_plans(study, {f"refine:{k}": space.params_of(p.plan)},
+                      {f"refine:{k}": {"predicted_fitness": p.predicted_fitness}})  # fmt: skip
+        optimize(study, objective, count_done(study) + 1, progress=False)
+        t = next(
+            (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == f"refine:{k}"),
+            None,
+        )
+        log.info("refine %d (%d/%d): predicted fitness_%s %.4f, measured %s", k, count_done(study) - start,
+                 budget - start, metric,
+                 p.predicted_fitness, t and t.user_attrs.get(f"fitness_{metric}"))  # fmt: skip
+
+
+def interactions(trials, table: SensitivityTable | None) -> list[dict]:
+    """Predicted (additive) vs measured degradation of every evaluated plan, with where it came from."""
+    if table is None:
+        return []
+    rows = []
+    for t in evaluated_trials(trials):
+        label = t.user_attrs.get("enqueued_as", "") or "sampler"
+        pred = sum(table.delta(u, f) for u, f in Candidate.of(t).plan.formats.items())
+        rows.append({"trial": t.number, "source": label.split(":")[0], "label": label,
+                     "plan_digest": t.user_attrs["plan_digest"], "packed_size_bytes": t.user_attrs["packed_size_bytes"],
+                     "predicted_degradation": math.expm1(pred), "measured_degradation": t.user_attrs["degradation"]})  # fmt: skip
+    return rows
+
+
+def run_phases(
+    study: optuna.Study,
+    objective: Objective,
+    space: SearchSpace,
+    session,
+    search: SearchConfig,
+    table: SensitivityTable | None,
+) -> int:
+    """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
+    (``search.n_trials`` less the table's cost)."""
+    if table is None:
+        optimize(study, objective, search.n_trials, search.timeout_s)
+        return search.n_trials
+    budget = max(1, search.n_trials - math.ceil(table.cost_evals))
+    enqueued = {Candidate.of(t).plan for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs}
+    allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
+                             baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,
+                             exclude=enqueued | _waiting_plans(study, space))  # fmt: skip
+    enqueue_plans(study, {k: space.params_of(a.plan) for k, a in allocs.items()},
+                  {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
+                   for k, a in allocs.items()})  # fmt: skip
+    # the enqueued plans all run before the refine step, even when they eat into its share of the budget
+    waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    optimize(
+        study, objective, max(budget - search.refine_trials, count_done(study) + waiting), search.timeout_s
+    )
+    if search.refine_trials:
+        _refine(study, objective, space, table, session, search.size_metric, budget)
+    return budget
+
+
+def _waiting_plans(study: optuna.Study, space: SearchSpace) -> set:
+    """Plans of trials enqueued but not yet run (the uniform plans of a new study)."""
+    from qsweep.plan import Plan
+
+    out = set()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        out.add(Plan({u: params.get(u, c[0]) for u, c in space.choices.items()}))
+    return out

@@ -1,0 +1,71 @@
+"""Warm start: plans from an exact allocator over a sensitivity table, enqueued as a study's first trials.
+
+Black-box samplers over 20-50 categorical dimensions spend their budget relearning what a per-unit measurement
+says directly. So a study starts from plans the additive model already rates well: a sensitivity table
+(qsweep.search.sensitivity: ``proxy``, one forward+backward pass, or ``measured``, one evaluation per unit and
+format) feeds the exact multiple-choice knapsack (qsweep.search.allocate), and the allocator's plans are enqueued
+beside the uniform plans. NSGA-II takes them as generation 0 and TPE as startup trials, so the sampler's job
+becomes finding what the additive model misses (interactions), and the refine step (qsweep.search.refine) corrects
+the prediction with measurements.
+
+Which allocator plans (``search.warm_start_plans`` of them, labelled ``allocator:<i>``):
+  * the plan of best predicted fitness (what a single-objective user wants), and its neighbours on the predicted
+    front (one size step smaller and larger: where the additive model is least trusted, the trade-off is closest);
+  * the rest spread evenly along the predicted front's size axis (what NSGA-II's front needs).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qsweep.plan import Plan
+from qsweep.search.allocate import Allocation, best_predicted_fitness, predicted_front
+from qsweep.search.sensitivity import SensitivityTable
+from qsweep.search.space import SearchSpace
+
+__all__ = ["allocator_plans"]
+
+log = logging.getLogger("qsweep")
+
+
+def allocator_plans(
+    table: SensitivityTable,
+    space: SearchSpace,
+    *,
+    size_metric: str,
+    baseline_bytes: int,
+    penalty: float,
+    n_plans: int,
+    exclude: set[Plan] = frozenset(),
+) -> dict[str, Allocation]:
+    """Up to ``n_plans`` allocator plans by label (module docstring); plans in ``exclude`` (e.g. the uniform plans
+    already enqueued) are skipped."""
+    if n_plans <= 0:
+        return {}
+    sizes = table.unit_sizes(size_metric)
+    front = predicted_front(table, space.choices, sizes, n_points=max(4 * n_plans, 24))
+    best = best_predicted_fitness(table, space.choices, sizes, baseline_bytes, penalty)
+    chosen: list[Allocation] = [best]
+    # the best's neighbours on the front, by size
+    by_size = sorted(front, key=lambda a: a.size_bytes)
+    smaller = [a for a in by_size if a.size_bytes < best.size_bytes]
+    larger = [a for a in by_size if a.size_bytes > best.size_bytes]
+    chosen += smaller[-1:] + larger[:1]
+    # the rest, evenly along the front's size axis
+    rest = [a for a in by_size if a not in chosen]
+    k = max(0, n_plans - len(chosen))
+    if rest and k:
+        step = (len(rest) - 1) / max(1, k - 1) if k > 1 else 0
+        picks = sorted({round(i * step) for i in range(k)}) if k > 1 else [len(rest) // 2]
+        chosen += [rest[i] for i in picks]
+    out: dict[str, Allocation] = {}
+    for a in chosen:
+        if a.plan in exclude or any(a.plan == b.plan for b in out.values()):
+            continue
+        out[f"allocator:{len(out)}"] = a
+        if len(out) == n_plans:
+            break
+    log.info("warm start: %d allocator plans from the %s sensitivity table; best predicted fitness_%s %.4f "
+             "(%d bytes, predicted degradation %+.2f%%)", len(out), table.kind, size_metric,
+             best.fitness(baseline_bytes, penalty), best.size_bytes, 100 * best.predicted_degradation)  # fmt: skip
+    return out
