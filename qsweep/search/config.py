@@ -43,8 +43,10 @@ class SearchConfig:
         "proxy"  # proxy: one forward+backward pass | measured: one evaluation per (unit, format)
     )
     sensitivity_tokens: int | None = 8192  # proxy: how many tokens of the search split it reads (null: all)
-    warm_start_plans: int = 8
-    refine_trials: int = 10  # measured local search at the end (qsweep.search.refine); part of n_trials
+    warm_start_plans: int = 16
+    # measured local search at the end (qsweep.search.refine), part of n_trials; null: half of what the enqueued
+    # plans leave of the budget
+    refine_trials: int | None = None
 
 
 def search_config(raw) -> SearchConfig:
@@ -80,7 +82,7 @@ def search_config(raw) -> SearchConfig:
             f"unknown search.sensitivity {s.sensitivity!r}{did_you_mean(s.sensitivity, SENSITIVITIES)}; "
             f"valid: {', '.join(SENSITIVITIES)}"
         )
-    if s.warm_start_plans < 0 or s.refine_trials < 0:
+    if s.warm_start_plans < 0 or (s.refine_trials or 0) < 0:
         raise ConfigError(
             f"search.warm_start_plans and search.refine_trials must be >= 0, got {s.warm_start_plans}, "
             f"{s.refine_trials}"

@@ -3,7 +3,7 @@
 sensitivity table (stored in the study; a resume reuses it)   its cost, in full evaluations, is taken from
                                                               search.n_trials
 allocator plans enqueued (qsweep.search.warmstart)            generation 0 / startup trials of the sampler
-sampler trials (Optuna) until n_trials - cost - refine_trials
+sampler trials (Optuna) until n_trials - cost - refine_trials (null: half of what the enqueued plans leave)
 refine trials (qsweep.search.refine)                          measured local search until the budget
 """
 
@@ -39,6 +39,12 @@ def new_sensitivity(
 ) -> SensitivityTable:
     """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all)."""
     full = full_eval_seconds or session.baseline(split).seconds
+    # The quantized weights of every (unit, format) are made first and not counted: trials need them too, and no
+    # method counts them in its trials' cost (a budget counts evaluations).
+    for u in space.searchable:
+        for f in space.choices[u]:
+            for p in session.table[u].params:
+                session.applier.quantized(p.name, p.channel_dim, f)
     log.info(
         "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
         kind,
@@ -147,10 +153,10 @@ def run_phases(
                    for k, a in allocs.items()})  # fmt: skip
     # the enqueued plans all run before the refine step, even when they eat into its share of the budget
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    optimize(
-        study, objective, max(budget - search.refine_trials, count_done(study) + waiting), search.timeout_s
-    )
-    if search.refine_trials:
+    left = max(0, budget - count_done(study) - waiting)
+    refine = search.refine_trials if search.refine_trials is not None else left // 2
+    optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
+    if refine:
         _refine(study, objective, space, table, session, search.size_metric, budget)
     return budget
 

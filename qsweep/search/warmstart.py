@@ -43,7 +43,7 @@ def allocator_plans(
     if n_plans <= 0:
         return {}
     sizes = table.unit_sizes(size_metric)
-    front = predicted_front(table, space.choices, sizes, n_points=max(4 * n_plans, 24))
+    front = predicted_front(table, space.choices, sizes, n_points=min(max(4 * n_plans, 24), 64))
     best = best_predicted_fitness(table, space.choices, sizes, baseline_bytes, penalty)
     chosen: list[Allocation] = [best]
     # the best's neighbours on the front, by size
