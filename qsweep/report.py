@@ -97,11 +97,7 @@ def plot_front(
 ) -> Path:
     """Size (MB) vs search-split perplexity: ``points`` (every trial's search record, with ``enqueued_as``),
     the candidates (``entries``) as a line, and the reference plans labelled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.scatter([p[size_key] / 1e6 for p in points], [p["perplexity"] for p in points], s=12, color="0.7",
                label=f"trials ({len(points)})")  # fmt: skip
@@ -118,22 +114,12 @@ def plot_front(
     ax.set_yscale("log")
     ax.set_xlabel(f"{size_key.removesuffix('_bytes').replace('_', ' ')} (MB)")
     ax.set_ylabel("perplexity (search split)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, title, path)
 
 
 def plot_interactions(rows: Sequence[Mapping], title: str, path: Path) -> Path:
     """Predicted (additive) vs measured degradation per evaluated plan, coloured by source, with the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
     for source in sorted({r["source"] for r in rows}):
         sel = [r for r in rows if r["source"] == source]
@@ -146,10 +132,25 @@ def plot_interactions(rows: Sequence[Mapping], title: str, path: Path) -> Path:
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("predicted degradation, additive model (%)")
     ax.set_ylabel("measured degradation (%)")
+    return _finish(fig, ax, title, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, ax, title: str, path: Path) -> Path:
+    """Title, grid and legend; save ``path`` at 120 dpi and close the figure."""
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.clf()
+    _pyplot().close(fig)
     return path

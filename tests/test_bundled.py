@@ -15,7 +15,7 @@ from qsweep.config import _asset_dir
 from qsweep.corpus import SPLITS, bundled_split_text, split_documents, split_of
 from qsweep.evaluate import Evaluator
 from qsweep.model import load_model, load_tokenizer, unit_table
-from qsweep.train_tiny import unigram_perplexity
+from qsweep.tiny_card import unigram_perplexity
 
 TINY = _asset_dir("tiny")
 CARD = json.loads((Path(TINY) / "card.json").read_text())

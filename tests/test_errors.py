@@ -368,6 +368,7 @@ def test_cli_truncated_weights_one_line(arch_dirs, corpus, tmp_path):
     assert fingerprint(broken, corpus) == before
 
 
+@pytest.mark.slow
 def test_cli_bad_device_and_binary_data(arch_dirs, tmp_path):
     proc = cli(f"model.path={arch_dirs['gpt2']}", "eval.device=tpu9", tmp_path=tmp_path)
     assert_one_error_line(proc, "unknown eval.device 'tpu9'; valid: auto, cpu, cuda, cuda:N, mps")
@@ -380,6 +381,7 @@ def test_cli_bad_device_and_binary_data(arch_dirs, tmp_path):
     assert fingerprint(arch_dirs["gpt2"], binary) == before
 
 
+@pytest.mark.slow
 def test_cli_llama_generic_plan_runs_and_seed_plan_says_gpt2(arch_dirs, corpus, tmp_path):
     common = ["model=llama", f"model.path={arch_dirs['llama']}", "data=text", f"data.path={corpus}",
               "eval.context=32", "eval.max_tokens=200"]  # fmt: skip

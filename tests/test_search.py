@@ -61,7 +61,7 @@ def cli(*args, tmp_path, check=True, **kw):
     return proc
 
 
-@pytest.mark.parametrize("search", ["nsga2", "tpe"])
+@pytest.mark.parametrize("search", ["nsga2", pytest.param("tpe", marks=pytest.mark.slow)])
 def test_study_end_to_end(tmp_path, search):
     out = tmp_path / "run"
     out.mkdir()
@@ -118,7 +118,9 @@ def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interac
     table = json.loads((out / "sensitivity.json").read_text())
     menu = yaml.safe_load((config_dir() / "precision" / "seed.yaml").read_text())["menu"]
     rows = {(r["unit"], r["format"]) for r in table["rows"]}
-    assert len(rows) == len(table["rows"]) == 26 * 3 + 25  # 26 searchable units x 3 formats, 25 LayerNorms x fp32
+    assert (
+        len(rows) == len(table["rows"]) == 26 * 3 + 25
+    )  # 26 searchable units x 3 formats, 25 LayerNorms x fp32
     assert menu[1]["formats"] == ["fp16", "int8", "int4"]
     cost = results["sensitivity"]["cost_evals"]
     assert results["trial_budget"] == 16 - math.ceil(cost) == results["n_trials_done"]
@@ -126,9 +128,13 @@ def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interac
     labels = [t.user_attrs.get("enqueued_as", "") for t in trials]
     allocator = [t for t, lab in zip(trials, labels, strict=True) if lab.startswith("allocator:")]
     refine = [t for t, lab in zip(trials, labels, strict=True) if lab.startswith("refine:")]
-    assert labels[:3] == UNIFORM and 1 <= len(allocator) <= 4 and len(refine) == min(3, len(trials) - 3 - len(allocator))
+    assert (
+        labels[:3] == UNIFORM
+        and 1 <= len(allocator) <= 4
+        and len(refine) == min(3, len(trials) - 3 - len(allocator))
+    )
     assert all("predicted_fitness" in t.user_attrs for t in allocator + refine)
-    assert trials[-len(refine):] == refine  # the refine step runs last
+    assert trials[-len(refine) :] == refine  # the refine step runs last
     digests = [t.user_attrs["plan_digest"] for t in refine]
     assert len(set(digests)) == len(digests)  # it never proposes a measured plan
     inter = list(csv.DictReader((out / "interactions.csv").open()))
@@ -158,6 +164,7 @@ def test_pareto_csv_is_the_brute_force_front_of_the_study(tmp_path):
     assert [int(r["packed_size_bytes"]) for r in rows] == sorted(int(r["packed_size_bytes"]) for r in rows)
 
 
+@pytest.mark.slow
 def test_max_degradation_is_a_constraint_on_trials_and_candidates(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -176,7 +183,15 @@ def test_max_degradation_is_a_constraint_on_trials_and_candidates(tmp_path):
     assert got == feasible[:3]
 
 
-@pytest.mark.parametrize("search", ["random", "tpe", "nsga2", "gp"])
+@pytest.mark.parametrize(
+    "search",
+    [
+        pytest.param("random", marks=pytest.mark.slow),
+        "tpe",
+        pytest.param("nsga2", marks=pytest.mark.slow),
+        pytest.param("gp", marks=pytest.mark.slow),
+    ],
+)
 def test_same_seed_same_trials_different_seed_different(tmp_path, search):
     options = {"tpe": ["search.sampler_options.n_startup_trials=2"], "gp": ["search.sampler_options.n_startup_trials=2"],
                "nsga2": ["search.sampler_options.population_size=2"]}.get(search, [])  # fmt: skip
@@ -192,6 +207,7 @@ def test_same_seed_same_trials_different_seed_different(tmp_path, search):
     assert len(a) == 5 and a == b and a != c
 
 
+@pytest.mark.slow
 def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
     """A space of two plans and six trials: four trials are answered from earlier ones, none evaluated again."""
     out = tmp_path / "run"
@@ -238,6 +254,7 @@ def _run_until(args, tmp_path, db, name, n_complete, sig):
     return proc
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_whose_command_completes_the_study(tmp_path):
     db = tmp_path / "study.db"
     # 16k tokens per trial: slow enough (about a second) that the SIGINT lands mid-study
@@ -263,6 +280,7 @@ def test_ctrl_c_prints_one_line_whose_command_completes_the_study(tmp_path):
     assert len(evaluated) == len(set(evaluated))
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_retries_the_orphaned_trial(tmp_path):
     db = tmp_path / "study.db"
     args = [*FAST, "+search=random", "search.n_trials=6", f"storage.url=sqlite:///{db}", "search.study_name=killed",
@@ -283,6 +301,7 @@ def test_sigkill_then_resume_retries_the_orphaned_trial(tmp_path):
     assert {t.user_attrs.get("enqueued_as") for t in complete} >= set(UNIFORM)
 
 
+@pytest.mark.slow
 def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
     out = tmp_path / "run"
     proc = cli(*FAST, "+search=nsga2", "search.n_trials=4", "search.sampler_options.population_size=2",
@@ -299,15 +318,15 @@ def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["+search=nsga2", "search.n_trials=0"], "qsweep: error: search.n_trials must be > 0, got 0"),
-    (["+search=nsga2", "+search.n_trails=5"], "qsweep: error: unknown key search.n_trails (did you mean n_trials?)"),
-    (["+search=nsga2", "search.size_metric=bytes"], "qsweep: error: unknown search.size_metric 'bytes'"),
-    (["+search=nsga2", "precision.menu=[{pattern: 'wte', formats: [fp16]}]"],
-     "qsweep: error: the precision menu leaves unit 'wpe' no format"),
-    (["+search=nsga2", "search.enqueue=[int8]", "precision=lowbit"],
-     "qsweep: error: search.enqueue: plan 'int8' puts unit 'wte' in int8, which the precision menu 'lowbit' does not"),
-    (["+search=nsga2", "search.sampler=cmaes"], "qsweep: error: unknown search.sampler 'cmaes'"),
-    (["+search=nsga2", "storage.url=postgresql+psycopg2://u:secret@127.0.0.1:1/none"],
-     "qsweep: error: cannot open storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none'"),
+    (["+search=nsga2", "+search.n_trails=5"], "qsweep: error: unknown key search.n_trails (did you mean n_trials"),
+    pytest.param(["+search=nsga2", "search.size_metric=bytes"], "qsweep: error: unknown search.size_metric 'bytes'", marks=pytest.mark.slow),
+    pytest.param(["+search=nsga2", "precision.menu=[{pattern: 'wte', formats: [fp16]}]"],
+     "qsweep: error: the precision menu leaves unit 'wpe' no format", marks=pytest.mark.slow),
+    pytest.param(["+search=nsga2", "search.enqueue=[int8]", "precision=lowbit"],
+     "qsweep: error: search.enqueue: plan 'int8' puts unit 'wte' in int8, which the precision menu 'lowbit' does not", marks=pytest.mark.slow),
+    pytest.param(["+search=nsga2", "search.sampler=cmaes"], "qsweep: error: unknown search.sampler 'cmaes'", marks=pytest.mark.slow),
+    pytest.param(["+search=nsga2", "storage.url=postgresql+psycopg2://u:secret@127.0.0.1:1/none"],
+     "qsweep: error: cannot open storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none'", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_bad_search_input_is_one_line_and_leaves_no_study(tmp_path, overrides, message):
     run = tmp_path / "run"
@@ -318,6 +337,7 @@ def test_bad_search_input_is_one_line_and_leaves_no_study(tmp_path, overrides, m
     assert not (run / "study.db").exists()
 
 
+@pytest.mark.slow
 def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path):
     db = tmp_path / "app.db"
     with sqlite3.connect(db) as con:
@@ -330,6 +350,7 @@ def test_a_foreign_sqlite_database_is_refused_untouched(tmp_path):
     assert db.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_protocol_is_refused(tmp_path):
     db = tmp_path / "s.db"
     args = [
