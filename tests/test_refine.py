@@ -29,7 +29,9 @@ def table() -> SensitivityTable:
         for u in UNITS
         for f in FORMATS
     ]
-    return SensitivityTable("measured", Plan(dict.fromkeys(UNITS, "fp16")), "validation", 1000, tuple(rows), 1.0, 1.0)
+    return SensitivityTable(
+        "measured", Plan(dict.fromkeys(UNITS, "fp16")), "validation", 1000, tuple(rows), 1.0, 1.0
+    )
 
 
 def space() -> SearchSpace:
@@ -60,7 +62,9 @@ def test_the_proposal_is_the_best_predicted_one_or_two_unit_move_from_the_incumb
     inc = Plan({"a": "int4", "b": "int4", "c": "int4", "d": "fp16"})
     interaction = 0.05  # measured worse than the additive prediction: the anchor carries it
     measured = [Measured(inc, pred(inc) + interaction, size(inc))]
-    got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=5)
+    got = propose(
+        measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=5
+    )
     # brute force over every plan within two unit changes of the incumbent (alpha = 1: one measured plan)
     best = []
     for fs in itertools.product(FORMATS, repeat=4):
@@ -78,7 +82,9 @@ def test_measured_plans_are_never_proposed_and_moves_stay_local():
     plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=4)]
     measured = [Measured(p, pred(p), size(p)) for p in plans[::2]]
     top = sorted(measured, key=lambda m: -fitness(m.plan, m.delta_nll))[:3]
-    got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=50)
+    got = propose(
+        measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=50
+    )
     assert got and len({g.plan for g in got}) == len(got)
     for g in got:
         assert g.plan not in {m.plan for m in measured}
