@@ -161,7 +161,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             )
             table.save(out_dir / "sensitivity.json")
             table.write_csv(out_dir / "sensitivity.csv")
-        budget = run_phases(study, objective, space, session, search, table)
+        budget = run_phases(study, objective, space, session, search, table, reference=enqueue.values())
     except KeyboardInterrupt:
         log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
                     count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
@@ -221,8 +221,9 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     points = [
         {**t.user_attrs, "enqueued_as": t.user_attrs.get("enqueued_as", "")} for t in evaluated_trials(trials)
     ]
-    write_reports(out_dir, summary=summary, interactions=interactions(trials, table), entries=entries, best_plan=None if best is None else best.candidate.plan,
-                  points=points, size_key=size_key(search.size_metric), title=name)  # fmt: skip
+    write_reports(out_dir, summary=summary, entries=entries, best_plan=None if best is None else best.candidate.plan,
+                  points=points, size_key=size_key(search.size_metric), title=name,
+                  interactions=interactions(trials, table))  # fmt: skip
     if best is not None:
         r = best.report
         log.info("best plan on %r (%s %.4f): on %r perplexity %s, %.3fx, %s %s; wrote %s", cfg.eval.search_split,

@@ -13,6 +13,7 @@ Files written to the run directory:
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -69,8 +70,6 @@ def write_reports(
 ) -> None:
     """Write results.json, pareto.csv, best_plan.yaml, pareto.png and, with a sensitivity table, interactions.csv
     and interactions.png (see module docstring)."""
-    import csv
-
     if interactions:
         with (out_dir / "interactions.csv").open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(interactions[0]))

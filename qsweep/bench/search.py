@@ -27,7 +27,6 @@ import math
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 import optuna
 import torch
@@ -96,10 +95,8 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
     if (
         method == "allocator"
     ):  # the allocator's plans only: as many as the budget holds, no sampler, no refine
-        raw.update(
-            refine_trials=0, warm_start_plans=max(1, budget - math.ceil(table.cost_evals) - len(uniform))
-        )
-    if not warm:
+        raw["warm_start_plans"] = max(1, budget - math.ceil(table.cost_evals) - len(uniform))
+    if method == "allocator" or not warm:
         raw["refine_trials"] = 0
     search = search_config(raw)
     objective = Objective(space, lambda plan: session.score(plan, "validation"), kind=search.objective,
@@ -108,11 +105,7 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
     sampler = make_sampler(search.sampler, seed, search.sampler_options)
     study = optuna.create_study(directions=objective.directions, sampler=sampler)
     enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
-    if method == "allocator":
-        search = replace(
-            search, n_trials=math.ceil(table.cost_evals) + len(uniform) + search.warm_start_plans
-        )
-    run_phases(study, objective, space, session, search, table if warm else None)
+    run_phases(study, objective, space, session, search, table if warm else None, reference=uniform.values())
     return study.get_trials(deepcopy=False)
 
 

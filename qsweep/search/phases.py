@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Collection
 
 import optuna
 
+from qsweep.plan import Plan
 from qsweep.score import size_key
+from qsweep.search.allocate import predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import Objective
 from qsweep.search.refine import Measured, propose
@@ -123,7 +126,7 @@ def interactions(trials, table: SensitivityTable | None) -> list[dict]:
     rows = []
     for t in evaluated_trials(trials):
         label = t.user_attrs.get("enqueued_as", "") or "sampler"
-        pred = sum(table.delta(u, f) for u, f in Candidate.of(t).plan.formats.items())
+        pred = predicted_delta_nll(table, Candidate.of(t).plan)
         rows.append({"trial": t.number, "source": label.split(":")[0], "label": label,
                      "plan_digest": t.user_attrs["plan_digest"], "packed_size_bytes": t.user_attrs["packed_size_bytes"],
                      "predicted_degradation": math.expm1(pred), "measured_degradation": t.user_attrs["degradation"]})  # fmt: skip
@@ -137,17 +140,19 @@ def run_phases(
     session,
     search: SearchConfig,
     table: SensitivityTable | None,
+    reference: Collection[Plan] = (),
 ) -> int:
     """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
-    (``search.n_trials`` less the table's cost)."""
+    (``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as references (uniform,
+    named): the allocator skips them. Its plans depend only on the table and these, so a resume asks for the same
+    plans under the same labels."""
     if table is None:
         optimize(study, objective, search.n_trials, search.timeout_s)
         return search.n_trials
     budget = max(1, search.n_trials - math.ceil(table.cost_evals))
-    enqueued = {Candidate.of(t).plan for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs}
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                              baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,
-                             exclude=enqueued | _waiting_plans(study, space))  # fmt: skip
+                             exclude=set(reference))  # fmt: skip
     enqueue_plans(study, {k: space.params_of(a.plan) for k, a in allocs.items()},
                   {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
                    for k, a in allocs.items()})  # fmt: skip
@@ -159,14 +164,3 @@ def run_phases(
     if refine:
         _refine(study, objective, space, table, session, search.size_metric, budget)
     return budget
-
-
-def _waiting_plans(study: optuna.Study, space: SearchSpace) -> set:
-    """Plans of trials enqueued but not yet run (the uniform plans of a new study)."""
-    from qsweep.plan import Plan
-
-    out = set()
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        params = t.params or t.system_attrs.get("fixed_params", {})
-        out.add(Plan({u: params.get(u, c[0]) for u, c in space.choices.items()}))
-    return out

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qsweep.plan import Plan
+from qsweep.search.allocate import predicted_delta_nll
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
 
@@ -50,13 +51,9 @@ class Proposal:
     anchor: Plan
 
 
-def _predicted(table: SensitivityTable, plan: Plan) -> float:
-    return sum(table.delta(u, f) for u, f in plan.formats.items())
-
-
 def calibration(measured: Sequence[Measured], table: SensitivityTable) -> float:
     """Least-squares slope (through 0) of measured on predicted delta-NLL; see module docstring."""
-    pts = [(_predicted(table, m.plan), m.delta_nll) for m in measured]
+    pts = [(predicted_delta_nll(table, m.plan), m.delta_nll) for m in measured]
     pts = [(x, y) for x, y in pts if math.isfinite(x) and math.isfinite(y) and x > 1e-6]
     if len(pts) < 3:
         return 1.0
@@ -104,7 +101,7 @@ def propose(
                     ds.append(sizes[u][f] - sizes[u][cur])
         if not units:
             continue
-        dd_a, ds_a, unit_ids = np.array(dd), np.array(ds, float), np.array([hash(u) for u in units])
+        dd_a, ds_a, unit_ids = np.array(dd), np.array(ds, float), np.unique(units, return_inverse=True)[1]
         # one-unit moves [m] and two-unit moves [m, m] (different units, i < j)
         single = _fitness(baseline_bytes, inc.size_bytes + ds_a, inc.delta_nll + dd_a, penalty)
         pair = _fitness(baseline_bytes, inc.size_bytes + ds_a[:, None] + ds_a[None, :],

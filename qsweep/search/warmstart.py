@@ -46,17 +46,17 @@ def allocator_plans(
     front = predicted_front(table, space.choices, sizes, n_points=min(max(4 * n_plans, 24), 64))
     best = best_predicted_fitness(table, space.choices, sizes, baseline_bytes, penalty)
     chosen: list[Allocation] = [best]
-    # the best's neighbours on the front, by size
-    by_size = sorted(front, key=lambda a: a.size_bytes)
-    smaller = [a for a in by_size if a.size_bytes < best.size_bytes]
-    larger = [a for a in by_size if a.size_bytes > best.size_bytes]
+    # the best's neighbours on the front (which predicted_front returns sorted by size)
+    smaller = [a for a in front if a.size_bytes < best.size_bytes]
+    larger = [a for a in front if a.size_bytes > best.size_bytes]
     chosen += smaller[-1:] + larger[:1]
     # the rest, evenly along the front's size axis
-    rest = [a for a in by_size if a not in chosen]
+    rest = [a for a in front if a not in chosen]
     k = max(0, n_plans - len(chosen))
     if rest and k:
-        step = (len(rest) - 1) / max(1, k - 1) if k > 1 else 0
-        picks = sorted({round(i * step) for i in range(k)}) if k > 1 else [len(rest) // 2]
+        picks = (
+            [len(rest) // 2] if k == 1 else sorted({round(i * (len(rest) - 1) / (k - 1)) for i in range(k)})
+        )
         chosen += [rest[i] for i in picks]
     out: dict[str, Allocation] = {}
     for a in chosen:
