@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-import signal
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qsweep import interrupts
 from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
@@ -118,10 +118,6 @@ def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score,
             f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
@@ -151,24 +147,25 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                        enqueue={k: space.params_of(p) for k, p in enqueue.items()},
                        attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split})  # fmt: skip
     objective.remember(study.get_trials(deepcopy=False))
-    # Ctrl-C and `kill` (also when started in the background, where SIGINT arrives ignored) stop the study cleanly
-    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     table, budget = None, search.n_trials
-    try:
-        if search.warm_start:
-            table = stored_or_new_sensitivity(
-                study, session, space, search.sensitivity, cfg.eval.search_split, search.sensitivity_tokens
-            )
-            table.save(out_dir / "sensitivity.json")
-            table.write_csv(out_dir / "sensitivity.csv")
-        budget = run_phases(study, objective, space, session, search, table, reference=enqueue.values())
-    except KeyboardInterrupt:
-        log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
-                    count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
-        raise
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
+        try:
+            if search.warm_start:
+                table = stored_or_new_sensitivity(
+                    study,
+                    session,
+                    space,
+                    search.sensitivity,
+                    cfg.eval.search_split,
+                    search.sensitivity_tokens,
+                )
+                table.save(out_dir / "sensitivity.json")
+                table.write_csv(out_dir / "sensitivity.csv")
+            budget = run_phases(study, objective, space, session, search, table, reference=enqueue.values())
+        except KeyboardInterrupt:
+            log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
+                        count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
+            raise
 
     trials = study.get_trials(deepcopy=False)
     chosen = candidates(trials, kind=search.objective, size_metric=search.size_metric, top_k=search.top_k,

@@ -25,6 +25,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
+from qsweep import interrupts
 from qsweep.errors import ConfigError, first_line
 from qsweep.plan import Plan, PlanError, named_plan_spec, plan_from_config
 from qsweep.search.config import SearchConfig
@@ -259,9 +260,15 @@ def optimize(
     quiet, emitter = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
     emitter.addFilter(quiet)
     before = len(study.get_trials(deepcopy=False))
+
+    def run(trial):  # an interrupt lands in here (the trial is failed, retried on resume), never in ask/tell
+        with interrupts.allowed():
+            return objective(trial)
+
     try:
-        study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[stop_at_total],
-                       show_progress_bar=progress, catch=())  # fmt: skip
+        with interrupts.deferred():
+            study.optimize(run, n_trials=remaining, timeout=timeout, callbacks=[stop_at_total],
+                           show_progress_bar=progress, catch=())  # fmt: skip
     finally:
         emitter.removeFilter(quiet)
     return len(study.get_trials(deepcopy=False)) - before

@@ -1,0 +1,77 @@
+"""A signal that lands while Optuna creates or records a trial never leaves that trial RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from qsweep import interrupts
+from qsweep.search.study import optimize
+
+
+class _SignalAt(optuna.samplers.RandomSampler):
+    """Sends SIGINT to this process from inside ``study.ask`` (``before_trial``, the trial already stored as
+    RUNNING) or ``study.tell`` (``after_trial``, its result not yet stored) of trial ``number``."""
+
+    def __init__(self, hook: str, number: int):
+        super().__init__(seed=0)
+        self.hook, self.number = hook, number
+
+    def _maybe(self, hook, trial):
+        if hook == self.hook and trial.number == self.number:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def before_trial(self, study, trial):
+        self._maybe("before", trial)
+        super().before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._maybe("after", trial)
+        super().after_trial(study, trial, state, values)
+
+
+def _objective(trial):
+    return trial.suggest_float("x", 0, 1)
+
+
+def _states(study):
+    return [t.state for t in study.get_trials(deepcopy=False)]
+
+
+@pytest.mark.parametrize(
+    "hook, number, complete",
+    [("before", 2, 2), ("after", 2, 3), ("after", 4, 5)],  # after the last trial: raised once the study ends
+)
+def test_a_signal_during_ask_or_tell_fails_no_trial_and_leaves_none_running(tmp_path, hook, number, complete):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=_SignalAt(hook, number))
+    with interrupts.handling(), pytest.raises(KeyboardInterrupt):
+        optimize(study, _objective, n_trials=5, progress=False)
+    states = _states(study)
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.COMPLETE) == complete
+    assert states.count(TrialState.FAIL) == len(states) - complete <= 1  # at most the trial it landed in
+
+
+def test_a_signal_inside_the_objective_fails_that_trial():
+    def objective(trial):
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return _objective(trial)
+
+    study = optuna.create_study()
+    with interrupts.handling(), pytest.raises(KeyboardInterrupt):
+        optimize(study, objective, n_trials=5, progress=False)
+    assert _states(study) == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_handlers_are_restored_and_outside_a_study_a_signal_raises_at_once():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with interrupts.handling(), pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes of the main thread
+            pass
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
