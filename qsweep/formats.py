@@ -31,6 +31,21 @@ Granularities (where the scale is shared):
   * ``group``:   per output channel, groups of ``group_size`` along the input dimension (GPTQ/AWQ style).
 1-D tensors (biases, LayerNorm) have no channel axis: ``channel`` falls back to ``tensor`` and ``group`` to ``flat``.
 A ragged last group is padded with zeros, which changes neither its max nor its codes.
+
+GGUF-native formats (``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``: :class:`GGUFFormat`) are ggml's legacy block
+types, simulated as gguf-py's own quantize-then-dequantize (``gguf.quants``, bit-exact with ggml's reference
+quantizers), so a search over them searches exactly what a GGUF file deploys. Per block of 32 values along a row
+of the ``[out, in]`` weight (fp32 arithmetic, scales stored as fp16, quantized with the fp32 scale)::
+
+    q8_0:         d = max|w| / 127;      codes = roundf(w / d)                     w' = fp16(d) * codes
+    q4_0 / q5_0:  d = w[argmax|w|] / -n; codes = clamp(trunc(w / d + n + 0.5))     w' = fp16(d) * (codes - n)
+    q4_1 / q5_1:  d = (max - min) / L;   codes = clamp(trunc((w - min) / d + 0.5)) w' = fp16(d) * codes + fp16(min)
+
+(n = 8 / 16, L = 15 / 31; ``/ d`` is a product with the fp32 reciprocal, as in gguf-py.) What llama.cpp stores
+elsewhere is what they simulate: 1-D tensors (biases, LayerNorms) stay F32, as llama.cpp's converter and quantizer
+keep them and its CPU kernels require (a bias or norm is added/multiplied as F32); a 2-D tensor whose rows are not
+a multiple of 32 falls back to F16, as ``llama-quantize`` does. Their packed size is the GGUF tensor data: 34 / 18 /
+20 / 22 / 24 bytes per block of 32, 4 bytes per F32 and 2 per F16 value.
 """
 
 from __future__ import annotations
@@ -46,6 +61,7 @@ __all__ = [
     "FORMATS",
     "FloatFormat",
     "Format",
+    "GGUFFormat",
     "IntFormat",
     "get_format",
     "register_format",
@@ -183,6 +199,85 @@ class IntFormat(Format):
         return self.seed_bytes(math.prod(shape)) + self.n_scales(shape, channel_dim) * self.scale_bytes
 
 
+GGUF_BLOCK = 32  # values per block of every ggml legacy type
+_GGUF_SCHEMES = ("q8_0", "sym", "affine")
+
+
+@dataclass(frozen=True)
+class GGUFFormat(Format):
+    """A ggml legacy block type (module docstring): ``scheme`` ``q8_0`` (absmax / 127, roundf), ``sym`` (Q4_0 /
+    Q5_0: the signed extreme maps to code 0) or ``affine`` (Q4_1 / Q5_1: scale and minimum); ``block_bytes`` is
+    ggml's type size (bytes per block of 32)."""
+
+    scheme: str = "q8_0"
+    block_bytes: int = 34
+
+    def __post_init__(self) -> None:
+        if self.scheme not in _GGUF_SCHEMES:
+            raise ValueError(f"format {self.name!r}: scheme {self.scheme!r} is not one of {_GGUF_SCHEMES}")
+
+    @property
+    def ggml_type(self) -> str:
+        """The ggml type name of the blocks (``Q4_0``), as in ``gguf.GGMLQuantizationType``."""
+        return self.name.upper()
+
+    def storage(self, shape: tuple[int, ...], channel_dim: int | None = None) -> str:
+        """How GGUF stores a tensor of ``shape``: ``F32`` (1-D), ``F16`` (rows not a multiple of 32) or
+        :attr:`ggml_type`. A row is everything but the output channel ``channel_dim``."""
+        if len(shape) < 2 or channel_dim is None:
+            return "F32"
+        if (math.prod(shape) // shape[channel_dim]) % GGUF_BLOCK:
+            return "F16"
+        return self.ggml_type
+
+    def quantize_blocks(self, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """gguf-py's quantizer on ``blocks`` ``[n, 32]`` fp32: stored codes ``[n, 32]`` (unsigned integers held as
+        fp32; q8_0's are signed), the scale ``d`` ``[n, 1]`` and, for ``affine``, the minimum ``m`` ``[n, 1]``, both
+        rounded to fp16 (the stored values, held as fp32)."""
+        half = 2 ** (self.bits - 1)
+        if self.scheme == "q8_0":
+            amax = blocks.abs().amax(dim=1, keepdim=True)
+            d = amax / torch.full_like(amax, 127)  # a tensor divisor: IEEE quotient on every device
+            inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+            return _roundf(blocks * inv), d.half().float(), None
+        if self.scheme == "sym":
+            extreme = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))  # signed; first of ties
+            d = extreme / torch.full_like(extreme, -half)
+            inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+            codes = torch.trunc(blocks * inv + (half + 0.5)).clamp_(0, 2 * half - 1)
+            return codes, d.half().float(), None
+        lo, hi = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+        d = (hi - lo) / torch.full_like(lo, 2 * half - 1)
+        inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+        codes = torch.trunc((blocks - lo) * inv + 0.5).clamp_(0, 2 * half - 1)
+        return codes, d.half().float(), lo.half().float()
+
+    def dequantize_blocks(self, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None) -> torch.Tensor:
+        """gguf-py's dequantizer: ``[n, 32]`` fp32 values from :meth:`quantize_blocks`' output."""
+        if self.scheme == "q8_0":
+            return d * codes
+        if self.scheme == "sym":
+            return d * (codes - 2 ** (self.bits - 1))
+        return d * codes + m
+
+    def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+        w = w.to(torch.float32)
+        kind = self.storage(tuple(w.shape), channel_dim)
+        if kind == "F32":
+            return w
+        if kind == "F16":
+            return w.half().float()
+        moved = w.movedim(channel_dim, 0)  # [out, ...]: GGUF's rows, blocks of 32 along each
+        out = self.dequantize_blocks(*self.quantize_blocks(moved.reshape(-1, GGUF_BLOCK)))
+        return out.reshape(moved.shape).movedim(0, channel_dim).contiguous()
+
+    def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        kind, numel = self.storage(shape, channel_dim), math.prod(shape)
+        if kind in ("F32", "F16"):
+            return numel * (4 if kind == "F32" else 2)
+        return numel // GGUF_BLOCK * self.block_bytes
+
+
 FORMATS: dict[str, Format] = {}
 
 
@@ -217,3 +312,9 @@ for _bits in (8, 4, 3, 2):
     for _g in (128, 64, 32):
         register_format(IntFormat(f"int{_bits}_g{_g}", _bits, "group", _g))
 del _bits, _g
+# ggml's legacy block types (GGUF-native; see GGUFFormat): bits per code, scheme, bytes per block of 32
+register_format(GGUFFormat("q8_0", 8, "q8_0", 34))
+register_format(GGUFFormat("q4_0", 4, "sym", 18))
+register_format(GGUFFormat("q4_1", 4, "affine", 20))
+register_format(GGUFFormat("q5_0", 5, "sym", 22))
+register_format(GGUFFormat("q5_1", 5, "affine", 24))

@@ -144,7 +144,9 @@ def test_fewer_bits_fewer_packed_bytes_at_equal_granularity(shape, cdim):
 def test_fewer_bits_never_cost_more_bytes(shape, cdim):
     """On realistic tensor shapes, a format with fewer bits is never more expensive, in either accounting."""
     numel = torch.Size(shape).numel()
-    for a, b in itertools.permutations(ALL, 2):
+    # GGUF formats keep 1-D tensors F32 (what llama.cpp stores and runs), whatever their block bits
+    names = [n for n in ALL if len(shape) > 1 or not hasattr(FORMATS[n], "ggml_type")]
+    for a, b in itertools.permutations(names, 2):
         fa, fb = FORMATS[a], FORMATS[b]
         if fa.bits < fb.bits:
             assert fa.seed_bytes(numel) <= fb.seed_bytes(numel), (a, b)
