@@ -131,7 +131,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         size_metric=search.size_metric,
         max_degradation=search.max_degradation,
     )
-    sampler = make_sampler(search.sampler, search.seed, search.sampler_options,
+    seed = search.seed + cfg.worker  # workers of one study propose different plans (README: Distributed)
+    sampler = make_sampler(search.sampler, seed, search.sampler_options,
                            None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
     url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
     storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
@@ -145,7 +146,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     study = open_study(storage=storage, url=url, name=name, sampler=sampler, directions=objective.directions,
                        metric_names=objective.metric_names, identity=identity,
                        enqueue={k: space.params_of(p) for k, p in enqueue.items()},
-                       attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split})  # fmt: skip
+                       attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split,
+                              f"worker:{cfg.worker}": {"sampler_seed": seed}})  # fmt: skip
     objective.remember(study.get_trials(deepcopy=False))
     table, budget = None, search.n_trials
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
@@ -189,6 +191,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "sampler": search.sampler,
         "objective": search.objective,
         "seed": search.seed,
+        "worker": cfg.worker,
+        "sampler_seed": seed,
         "identity": identity,
         "n_trials_done": count_done(study),
         "sensitivity": None

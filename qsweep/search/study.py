@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sqlite3
+import os
+import socket
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,14 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from qsweep import interrupts
-from qsweep.errors import ConfigError, first_line
+from qsweep.errors import ConfigError
 from qsweep.plan import Plan, PlanError, named_plan_spec, plan_from_config
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import is_done
 from qsweep.search.space import SearchSpace
+from qsweep.search.storage import display_url, lock_of, open_storage, storage_url
 from qsweep.units import UnitTable
 
 __all__ = [
+    "WORKER_ATTR",
     "count_done",
     "default_study_name",
     "display_url",
@@ -47,7 +51,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("qsweep")
-_OPTUNA_TABLES = {"studies", "trials", "version_info"}
+WORKER_ATTR = "qsweep:worker"  # trial system attribute: host:pid of the process that ran (or runs) the trial
 
 
 def default_study_name(cfg: DictConfig, search: SearchConfig) -> str:
@@ -72,64 +76,6 @@ def study_identity(cfg: DictConfig, search: SearchConfig, context: int) -> dict[
         "baseline": f"plan={cfg.baseline.plan} perplexity={cfg.baseline.perplexity} "
         f"size_bytes={cfg.baseline.size_bytes} penalty={cfg.penalty}",
     }
-
-
-def storage_url(cfg: DictConfig, out_dir: Path) -> str:
-    return cfg.storage.url or f"sqlite:///{(out_dir / 'study.db').resolve()}"
-
-
-def display_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: what logs, errors and results may show."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (a journal file path, say): nothing to hide
-        return url
-
-
-def _check_sqlite_file(url: str) -> None:
-    """Refuse an existing SQLite file that holds another application's tables (we would add ours to it)."""
-    path = url.removeprefix("sqlite:///")
-    if path == url or path in ("", ":memory:") or not Path(path).is_file() or Path(path).stat().st_size == 0:
-        return
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
-            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    except sqlite3.DatabaseError as e:
-        raise ConfigError(f"storage.url={url!r}: the file is not an SQLite database ({e})") from None
-    if tables and not tables >= _OPTUNA_TABLES:
-        raise ConfigError(
-            f"storage.url={url!r} is an SQLite database of another application (tables: "
-            f"{', '.join(sorted(tables)[:5])}); point storage.url at a new file or an Optuna study database"
-        )
-
-
-def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
-    """An Optuna storage for ``url``; RDB storages get heartbeats, and stale trials are retried (up to 3 times)."""
-    try:
-        if url.startswith("sqlite"):
-            _check_sqlite_file(url)
-        if not url.startswith(("sqlite", "postgresql", "mysql")):
-            return optuna.storages.get_storage(url)
-        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna: warnings per process
-            warnings.simplefilter("ignore")
-            kwargs: dict = {}
-            if heartbeat_interval:
-                retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-                kwargs = {"heartbeat_interval": int(heartbeat_interval), "grace_period": grace_period}
-                if retry is not None:
-                    kwargs["heartbeat_stale_trial_callback"] = retry(max_retry=3)
-                else:  # Optuna < 4.9
-                    kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(max_retry=3)
-            return optuna.storages.RDBStorage(url, **kwargs)
-    except ConfigError:
-        raise
-    except Exception as e:  # sqlalchemy/driver errors come in many types; all mean the same to the user
-        shown = display_url(url)
-        raise ConfigError(
-            f"cannot open storage.url={shown!r} ({first_line(e).replace(url, shown)})"
-        ) from None
 
 
 def reference_plans(
@@ -177,20 +123,28 @@ def open_study(
     enqueue: Mapping[str, dict],
     attrs: Mapping[str, object] = (),
 ) -> optuna.Study:
-    """Create or resume study ``name``; check its identity; enqueue the reference plans it has not yet done."""
-    study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions,
-                                load_if_exists=True)  # fmt: skip
-    if [d.name.lower() for d in study.directions] != directions:
-        raise ConfigError(f"study {name!r} in {display_url(url)} has other objectives "
-                          f"({', '.join(d.name.lower() for d in study.directions)}); use another search.study_name")  # fmt: skip
-    _check_identity(study, identity, url)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names(metric_names)
-        optuna.storages.fail_stale_trials(study)  # trials of a killed process: failed and retried once stale
-    for key, value in dict(attrs).items():
-        study.set_user_attr(key, value)
-    enqueue_plans(study, enqueue)
+    """Create or resume study ``name``; check its identity; enqueue the reference plans it has not yet done.
+
+    All of it runs under the storage's lock, so workers starting at the same instant create the study and enqueue
+    each plan exactly once."""
+    with lock_of(storage):
+        study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, directions=directions,
+                                    load_if_exists=True)  # fmt: skip
+        if [d.name.lower() for d in study.directions] != directions:
+            raise ConfigError(f"study {name!r} in {display_url(url)} has other objectives "
+                              f"({', '.join(d.name.lower() for d in study.directions)}); use another search.study_name")  # fmt: skip
+        _check_identity(study, identity, url)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if study.metric_names != metric_names:
+                study.set_metric_names(metric_names)
+            optuna.storages.fail_stale_trials(
+                study
+            )  # trials of a killed process: failed and retried once stale
+        for key, value in dict(attrs).items():
+            if study.user_attrs.get(key) != value:
+                study.set_user_attr(key, value)
+        enqueue_plans(study, enqueue)
     running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
     if running:
         log.warning("study %r has running trials %s (another worker, or a killed one: retried once its heartbeat "
@@ -202,20 +156,23 @@ def enqueue_plans(
     study: optuna.Study, plans: Mapping[str, dict], attrs: Mapping[str, Mapping] | None = None
 ) -> int:
     """Enqueue each labelled plan (trial parameters) unless the study has it waiting, running or done; a plan whose
-    trial was interrupted is enqueued again. ``attrs`` adds user attributes per label. Returns how many."""
+    trial was interrupted is enqueued again. ``attrs`` adds user attributes per label. Returns how many.
+
+    Atomic across worker processes (the storage's lock): each label is enqueued once however many workers ask."""
     live = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
-    have = {
-        t.user_attrs.get("enqueued_as")
-        for t in study.get_trials(deepcopy=False)
-        if t.state in live or is_done(t)
-    }
-    n = 0
-    for label, params in plans.items():
-        if label not in have:
-            study.enqueue_trial(
-                params, user_attrs={"enqueued_as": label, **dict((attrs or {}).get(label, {}))}
-            )
-            n += 1
+    with lock_of(study._storage):
+        have = {
+            t.user_attrs.get("enqueued_as")
+            for t in study.get_trials(deepcopy=False)
+            if t.state in live or is_done(t)
+        }
+        n = 0
+        for label, params in plans.items():
+            if label not in have:
+                study.enqueue_trial(
+                    params, user_attrs={"enqueued_as": label, **dict((attrs or {}).get(label, {}))}
+                )
+                n += 1
     return n
 
 
@@ -238,37 +195,93 @@ class _QuietInterrupt(logging.Filter):
         return not (self.interrupted and "failed with value None" in record.getMessage())
 
 
+def _fail_stale(study: optuna.Study) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def optimize(
     study: optuna.Study,
     objective: Callable,
     n_trials: int,
     timeout: float | None = None,
     progress: bool = True,
+    poll_seconds: float = 1.0,
 ) -> int:
-    """Run trials until ``n_trials`` are done in total (all workers together); returns how many this call ran."""
+    """Run trials until ``n_trials`` are done in total (all workers together); returns how many this call ran.
+
+    Each trial starts under the storage's lock, and only while the done and running trials together are fewer
+    than ``n_trials``: workers never overshoot. While the rest are running elsewhere this worker waits (a killed
+    worker's trial becomes stale after ``storage.grace_period``; it is then failed, retried and run here). Before
+    each trial an objective with ``remember`` learns the plans other workers finished (answered, not re-run).
+    Each trial records the process that ran it (system attribute ``qsweep:worker``: host:pid)."""
     remaining = n_trials - count_done(study)
     if remaining <= 0:
         log.info("study %r already has %d trials done (search.n_trials=%d): nothing to run",
                  study.study_name, count_done(study), n_trials)  # fmt: skip
         return 0
-
-    def stop_at_total(study: optuna.Study, trial) -> None:  # other workers may be adding trials too
-        if count_done(study) >= n_trials:
-            study.stop()
-
+    lock, remember = lock_of(study._storage), getattr(objective, "remember", None)
+    me = f"{socket.gethostname()}:{os.getpid()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet, emitter = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
     emitter.addFilter(quiet)
-    before = len(study.get_trials(deepcopy=False))
+    bar = _progress(progress, n_trials, n_trials - remaining)
+    start, ran, held = time.monotonic(), 0, False
 
-    def run(trial):  # an interrupt lands in here (the trial is failed, retried on resume), never in ask/tell
+    def run(trial):  # the trial is RUNNING: free the lock; an interrupt lands in here, never in ask/tell
+        nonlocal held
+        lock.release()
+        held = False
+        trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, me)
         with interrupts.allowed():
             return objective(trial)
 
     try:
         with interrupts.deferred():
-            study.optimize(run, n_trials=remaining, timeout=timeout, callbacks=[stop_at_total],
-                           show_progress_bar=progress, catch=())  # fmt: skip
+            while ran < remaining and (timeout is None or time.monotonic() - start < timeout):
+                lock.acquire()
+                held = True
+                _fail_stale(study)
+                trials = study.get_trials(deepcopy=False)
+                done = sum(is_done(t) for t in trials)
+                running = sum(t.state == TrialState.RUNNING for t in trials)
+                bar(done)
+                if done >= n_trials:
+                    break
+                if (
+                    done + running >= n_trials
+                ):  # the last trials run elsewhere: wait for them (or their failure)
+                    lock.release()
+                    held = False
+                    with interrupts.allowed():
+                        time.sleep(poll_seconds)
+                    continue
+                if remember is not None:
+                    remember(trials)
+                study.optimize(run, n_trials=1, catch=(), show_progress_bar=False)
+                ran += 1
+            bar(count_done(study))
     finally:
+        if held:
+            lock.release()
+        bar(None)
         emitter.removeFilter(quiet)
-    return len(study.get_trials(deepcopy=False)) - before
+    return ran
+
+
+def _progress(enabled: bool, total: int, initial: int) -> Callable[[int | None], None]:
+    """``update(done)`` of a progress bar on stderr (``update(None)`` closes it); a no-op when disabled."""
+    if not enabled:
+        return lambda done: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, unit="trial", dynamic_ncols=True)
+
+    def update(done: int | None) -> None:
+        if done is None:
+            bar.close()
+        elif done != bar.n:
+            bar.update(done - bar.n)
+
+    return update

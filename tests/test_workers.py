@@ -1,0 +1,258 @@
+"""Several workers on one study: created and enqueued once, exactly n_trials, dead workers' trials retried, SQLite
+guarded, storage errors in one line without the password. PostgreSQL tests start their own server (pg_server.py)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from conftest import ROOT
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+from pg_server import PASSWORD, pg_bin_dir, postgres_server
+from test_search import FAST, UNIFORM, states
+
+from qsweep.errors import ConfigError
+from qsweep.search.storage import open_storage, storage_url
+from qsweep.search.study import WORKER_ATTR, enqueue_plans, open_study, optimize
+from qsweep.workers import worker_commands
+
+needs_pg = pytest.mark.skipif(
+    pg_bin_dir() is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"
+)
+FORK = multiprocessing.get_context("fork")
+PLANS = {f"plan:{c}": {"x": c} for c in "abcdef"}
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    with postgres_server() as url:
+        yield url
+
+
+def _objective(trial):
+    time.sleep(0.05)
+    trial.set_user_attr("plan_digest", trial.suggest_categorical("x", list("abcdefghijklmnop")))
+    return float(ord(trial.params["x"]))
+
+
+def _worker(url, barrier, n_trials, heartbeat=None, objective=_objective):
+    """One worker: open (create or join) study 'w' with the enqueued PLANS, run until n_trials are done."""
+    storage = open_storage(url, heartbeat)
+    barrier.wait()
+    study = open_study(storage=storage, url=url, name="w", sampler=optuna.samplers.RandomSampler(os.getpid()),
+                       directions=["minimize"], metric_names=["v"], identity={"k": "v"}, enqueue=PLANS)  # fmt: skip
+    optimize(study, objective, n_trials, progress=False, poll_seconds=0.2)
+
+
+def _run_workers(url, n_workers, n_trials, **kw):
+    barrier = FORK.Barrier(n_workers)
+    procs = [FORK.Process(target=_worker, args=(url, barrier, n_trials), kwargs=kw) for _ in range(n_workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * n_workers
+    return optuna.load_study(study_name="w", storage=open_storage(url))
+
+
+def _check_once(study, n_trials):
+    trials = study.get_trials(deepcopy=False)
+    assert states(study) == {"COMPLETE": n_trials}
+    labels = [t.user_attrs.get("enqueued_as") for t in trials if "enqueued_as" in t.user_attrs]
+    assert sorted(labels) == sorted(PLANS)  # every plan enqueued once, and run once
+    assert len({t.system_attrs[WORKER_ATTR] for t in trials}) > 1  # the work was shared
+
+
+def test_four_journal_workers_create_enqueue_once_and_stop_at_n_trials(tmp_path):
+    study = _run_workers(str(tmp_path / "s.journal"), 4, 20)
+    _check_once(study, 20)
+
+
+def test_a_stale_journal_trial_is_failed_and_retried(tmp_path):
+    storage = open_storage(str(tmp_path / "s.journal"), heartbeat_interval=1)
+    study = optuna.create_study(storage=storage, study_name="w")
+    enqueue_plans(study, {"plan:a": {"x": "a"}})
+    with pytest.warns(UserWarning, match="Heartbeat"):
+        dead = study.ask()  # popped by a worker that then dies: RUNNING, no heartbeat
+    assert dead.params == {} and study.trials[0].state == TrialState.RUNNING
+    time.sleep(2.2)  # grace period: 2 x heartbeat_interval
+    optimize(study, _objective, 1, progress=False)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].user_attrs["enqueued_as"] == "plan:a"
+    assert trials[1].params == {"x": "a"}
+
+
+def test_a_second_process_on_one_sqlite_file_is_refused_with_one_line(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    opened, done = FORK.Event(), FORK.Event()
+
+    def hold():
+        open_storage(url)
+        opened.set()
+        done.wait(30)
+
+    holder = FORK.Process(target=hold)
+    holder.start()
+    try:
+        assert opened.wait(30)
+        with pytest.raises(ConfigError) as e:
+            open_storage(url)
+    finally:
+        done.set()
+        holder.join(30)
+    assert str(e.value) == (
+        f"storage.url={url!r} is in use by another qsweep process; SQLite is not safe for concurrent workers: "
+        "use storage=journal (several workers on one host) or storage=postgres (many hosts)"
+    )
+    open_storage(url)  # free again once the other process is gone; this process may open it again
+    open_storage(url)
+
+
+def test_a_worker_index_with_the_run_dirs_sqlite_is_refused(tmp_path):
+    cfg = OmegaConf.create({"storage": {"url": None}, "worker": 2})
+    with pytest.raises(ConfigError, match=r"^worker=2 with the default storage .*use storage=journal"):
+        storage_url(cfg, tmp_path)
+    cfg.storage.url = "rel/s.journal"
+    assert storage_url(cfg, tmp_path) == str(Path("rel/s.journal").resolve())
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+psycopg2://u:***@"
+         "127.0.0.1:1/db' (OperationalError: (psycopg2.OperationalError) connection to server at \"127.0.0.1\", "
+         "port 1 failed: Connection refused)"),
+        ("postgresql+pg8000://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+pg8000://u:***@"
+         "127.0.0.1:1/db': the database driver 'pg8000' is not installed (pip install pg8000)"),
+    ],
+)  # fmt: skip
+def test_unreachable_host_and_missing_driver_are_one_line_without_the_password(url, message):
+    with pytest.raises(ConfigError) as e:
+        open_storage(url)
+    assert str(e.value) == message and "pw-XYZ" not in str(e.value)
+
+
+def test_a_missing_psycopg2_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(
+        ConfigError, match=r"the database driver 'psycopg2' is not installed \(pip install 'qsweep"
+    ):
+        open_storage("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db")
+
+
+def test_the_launcher_gives_each_worker_an_index_a_run_dir_and_a_shared_journal(tmp_path):
+    cmds = worker_commands(["+search=nsga2"], 2, 4, tmp_path)
+    assert [c[3:] for c in cmds] == [
+        ["+search=nsga2", "storage=journal", f"storage.url={tmp_path / 'study.journal'}", f"worker={i}",
+         f"hydra.run.dir={tmp_path / f'worker{i}'}"] for i in (4, 5)
+    ]  # fmt: skip
+    assert worker_commands(["storage=postgres"], 1, 0, tmp_path)[0][3:5] == ["storage=postgres", "worker=0"]
+    with pytest.raises(SystemExit, match="storage=sqlite is one process's storage"):
+        worker_commands(["storage.url=sqlite:////x.db"], 2, 0, tmp_path)
+
+
+# -- PostgreSQL --------------------------------------------------------------------------------------------------
+
+
+@needs_pg
+@pytest.mark.slow
+def test_four_postgres_workers_starting_at_once_create_the_schema_and_plans_once(pg_url):
+    study = _run_workers(pg_url, 4, 16)  # a fresh database: the schema is created by one of them
+    _check_once(study, 16)
+
+
+@needs_pg
+@pytest.mark.slow
+def test_a_wrong_password_is_one_line_without_it(pg_url, tmp_path):
+    url = pg_url.replace(PASSWORD, "wrong-pw")
+    with pytest.raises(ConfigError) as e:
+        open_storage(url)
+    assert str(e.value).startswith(
+        f"cannot open storage.url={url.replace('wrong-pw', '***')!r} (OperationalError"
+    )
+    assert 'password authentication failed for user "qsweep"' in str(e.value) and "wrong-pw" not in str(
+        e.value
+    )
+    env = {
+        **os.environ,
+        "QSWEEP_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "QSWEEP_STORAGE_URL": url,
+    }
+    proc = subprocess.run([sys.executable, "-m", "qsweep", *FAST, "+search=random", "storage=postgres",
+                           f"hydra.run.dir={tmp_path / 'r'}"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"qsweep: error: {e.value}"
+    assert "wrong-pw" not in proc.stdout + proc.stderr
+
+
+@needs_pg
+@pytest.mark.slow
+def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trials(pg_url, tmp_path):
+    """4 workers x 40 trials through the launcher; worker 3 is SIGKILLed mid-trial: its trial is failed once its
+    heartbeat is stale, its plan retried, and the study ends with exactly 40 complete trials."""
+    env = {
+        **os.environ,
+        "QSWEEP_CACHE": str(tmp_path / "cache"),
+        "HF_HUB_OFFLINE": "1",
+        "QSWEEP_STORAGE_URL": pg_url,
+    }
+    args = [*FAST, "+search=nsga2", "search.n_trials=40", "search.sampler_options.population_size=8",
+            "search.study_name=four", "storage=postgres", "storage.heartbeat_interval=1", "eval.max_tokens=4096"]  # fmt: skip
+    started = time.time()
+    launcher = subprocess.Popen([sys.executable, "-m", "qsweep.workers", "-n", "4", "--dir", str(tmp_path / "w"), *args],
+                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    pids = {}
+    while len(pids) < 4:
+        m = re.match(r"qsweep.workers: worker (\d) pid (\d+)", launcher.stdout.readline())
+        if m:
+            pids[int(m[1])] = int(m[2])
+    storage = open_storage(pg_url)
+    victim, killed_trial = f":{pids[3]}", None
+    while killed_trial is None and time.time() - started < 400:
+        time.sleep(0.2)
+        try:
+            study = optuna.load_study(study_name="four", storage=storage)
+        except KeyError:
+            continue
+        trials = study.get_trials(deepcopy=False)
+        mine = [
+            t
+            for t in trials
+            if t.state == TrialState.RUNNING and t.system_attrs.get(WORKER_ATTR, "").endswith(victim)
+        ]
+        if sum(t.state == TrialState.COMPLETE for t in trials) >= 8 and mine:
+            os.kill(pids[3], signal.SIGKILL)
+            killed_trial = mine[0].number
+    out, _ = launcher.communicate(timeout=600)
+    assert killed_trial is not None, out[-3000:]
+    print(f"4 workers, 40 trials, one killed: {time.time() - started:.1f} s")
+    assert "Traceback" not in out and PASSWORD not in out
+    study = optuna.load_study(study_name="four", storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert states(study) == {"COMPLETE": 40, "FAIL": 1}
+    assert trials[killed_trial].state == TrialState.FAIL
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed_trial]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == trials[killed_trial].params and not retry[0].system_attrs[WORKER_ATTR].endswith(
+        victim
+    )
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    labels = [t.user_attrs["enqueued_as"] for t in complete if "enqueued_as" in t.user_attrs]
+    assert sorted(labels) == sorted(UNIFORM)  # every enqueued plan evaluated once
+    seeds = {k: v["sampler_seed"] for k, v in study.user_attrs.items() if k.startswith("worker:")}
+    assert seeds == {"worker:0": 0, "worker:1": 1, "worker:2": 2, "worker:3": 3}
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "w").glob("worker*/results.json"))]
+    assert len(results) == 3 and all(r["n_trials_done"] == 40 and "***" in r["storage"] for r in results)
+    assert sorted(r["sampler_seed"] for r in results) == [0, 1, 2]
