@@ -208,8 +208,9 @@ def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trial
         "HF_HUB_OFFLINE": "1",
         "QSWEEP_STORAGE_URL": pg_url,
     }
-    args = [*FAST, "+search=nsga2", "search.n_trials=40", "search.sampler_options.population_size=8",
-            "search.study_name=four", "storage=postgres", "storage.heartbeat_interval=1", "eval.max_tokens=4096"]  # fmt: skip
+    # TPE with one candidate to verify per worker (the Pareto set of NSGA-II would be re-scored by each worker)
+    args = [*FAST, "+search=tpe", "search.n_trials=40", "search.sampler_options.n_startup_trials=8", "search.top_k=1",
+            "search.study_name=four", "storage=postgres", "storage.heartbeat_interval=1", "eval.max_tokens=2048"]  # fmt: skip
     started = time.time()
     launcher = subprocess.Popen([sys.executable, "-m", "qsweep.workers", "-n", "4", "--dir", str(tmp_path / "w"), *args],
                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
