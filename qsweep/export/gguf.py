@@ -1,0 +1,233 @@
+"""GGUF export (llama.cpp and everything built on it) of a plan on a GPT-2-architecture model, and its reader.
+
+The file is written with gguf-py directly (not llama.cpp's converter, which needs ``n_ctx`` in the model config and
+refuses a BPE it does not recognise): architecture ``gpt2``, the hyperparameters llama.cpp's GPT-2 loader reads, the
+model's own byte-level BPE vocabulary and merges (pre-tokenizer ``gpt-2``), and one tensor per parameter, each in
+the type its unit's format stores it as:
+
+  * ``q8_0`` / ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` (:class:`~qsweep.formats.GGUFFormat`): the ggml block type,
+    quantized by gguf-py from the fp32 weight (bit-exact with ggml), 1-D tensors F32, rows not a multiple of 32 F16;
+  * ``fp32`` / ``fp16`` / ``bf16``: F32 / F16 / BF16; 1-D tensors (biases, LayerNorms) are always written F32
+    (llama.cpp's CPU kernels add and multiply them as F32), holding the fp16/bf16-rounded values: those are the
+    only tensor bytes above the predicted size (``widened_bytes``).
+
+GPT-2's Conv1D weights are stored ``[in, out]`` and written transposed (``[out, in]``, blocks of 32 along the input),
+as llama.cpp's converter does. A tied ``lm_head`` is not a parameter of its own: llama.cpp reuses ``token_embd``.
+qsweep adds three metadata keys: ``qsweep.plan`` (the plan, JSON), ``qsweep.tensors`` (GGUF name -> HF name and
+whether it was transposed) and ``qsweep.tensor_sha256`` (of all tensor data, in file order), so that
+:func:`read_gguf` maps the file back to the model's parameters and refuses a truncated or corrupted file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qsweep.errors import first_line
+from qsweep.export.common import ExportError, ExportResult, check_formats, sha256_of
+from qsweep.formats import GGUFFormat, get_format
+from qsweep.plan import Plan
+from qsweep.size import packed_size_bytes
+from qsweep.units import UnitTable
+
+__all__ = ["GGUF_ACCEPTS", "GGUFExport", "read_gguf", "require_gguf", "write_gguf"]
+
+GGUF_ACCEPTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "fp32", "fp16", "bf16")
+_FLOAT_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+_INSTALL = 'pip install -e ".[export]"'
+
+
+def require_gguf():
+    """The ``gguf`` module (gguf-py), or an :class:`ExportError` saying how to install it."""
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError(f"the GGUF export needs the gguf package (gguf-py): {_INSTALL}") from None
+    return gguf
+
+
+def _storage(fmt_name: str, shape: tuple[int, ...]) -> str:
+    """GGML type of a tensor of ``shape`` (already ``[out, in]`` for 2-D) stored in format ``fmt_name``."""
+    fmt = get_format(fmt_name)
+    if isinstance(fmt, GGUFFormat):
+        return fmt.storage(shape, 0 if len(shape) == 2 else None)
+    return _FLOAT_TYPES[fmt_name] if len(shape) >= 2 else "F32"
+
+
+def _tensor_bytes(gguf, w: torch.Tensor, fmt_name: str, ggml_type: str) -> np.ndarray:
+    """The data written for fp32 weight ``w`` ``[out, in]`` (or 1-D): a numpy array gguf-py's writer takes."""
+    if ggml_type == "F32":
+        return get_format(fmt_name).fake_quant(w, 0 if w.ndim == 2 else None).numpy().astype(np.float32)
+    if ggml_type == "F16":
+        return w.numpy().astype(np.float16)
+    return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[ggml_type])
+
+
+def _vocab(gguf, tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens (id order, padded to the embedding's rows), their GGUF token types, and the BPE merges."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"the GGUF export writes byte-level BPE vocabularies; this tokenizer is {model.get('type')}"
+        )
+    vocab: dict[str, int] = dict(model["vocab"])
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    for t in spec.get("added_tokens", []):
+        vocab.setdefault(t["content"], t["id"])
+    by_id = {i: tok for tok, i in vocab.items()}
+    if max(by_id) >= n_vocab:
+        raise ExportError(f"the tokenizer has token id {max(by_id)} but the embedding only {n_vocab} rows")
+    tokens, types = [], []
+    for i in range(n_vocab):
+        tok = by_id.get(i)
+        tokens.append(tok if tok is not None else f"[PAD{i}]")
+        if tok is None:
+            types.append(int(gguf.TokenType.UNUSED))
+        else:
+            types.append(int(gguf.TokenType.CONTROL if tok in special else gguf.TokenType.NORMAL))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, types, merges
+
+
+def write_gguf(model: nn.Module, tokenizer, table: UnitTable, plan: Plan, path: str | Path) -> ExportResult:
+    """Write ``plan`` applied to ``model`` (fp32 weights, not yet quantized) as the GGUF file ``path``."""
+    gguf = require_gguf()
+    conf = model.config
+    if getattr(conf, "model_type", None) != "gpt2":
+        raise ExportError(
+            f"the GGUF export writes GPT-2-architecture models; this model is {getattr(conf, 'model_type', '?')!r} "
+            f"(use +export=compressed for Llama/OPT models)"
+        )
+    check_formats(table, plan, GGUF_ACCEPTS, "gguf")
+    path = Path(path)
+    params = dict(model.named_parameters())
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, conf.n_layer)
+    arrays: list[tuple[str, np.ndarray, str]] = []
+    mapping: dict[str, list] = {}
+    widened = 0
+    for unit in table:
+        fmt = plan[unit.name]
+        for p in unit.params:
+            gname = names.get_name(p.name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise ExportError(f"no GGUF tensor name for parameter {p.name!r} (unit {unit.name!r})")
+            w = params[p.name].detach().float().cpu()
+            transposed = p.channel_dim == 1 and w.ndim == 2  # Conv1D [in, out] -> [out, in]
+            if transposed:
+                w = w.t().contiguous()
+            ggml_type = _storage(fmt, tuple(w.shape))
+            data = _tensor_bytes(gguf, w, fmt, ggml_type)
+            widened += data.nbytes - get_format(fmt).packed_bytes(p.shape, p.channel_dim)
+            arrays.append((gname, data, ggml_type))
+            mapping[gname] = [p.name, transposed]
+    n_vocab = params["transformer.wte.weight"].shape[0]
+    tokens, types, merges = _vocab(gguf, tokenizer, n_vocab)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    writer = gguf.GGUFWriter(tmp, "gpt2")
+    writer.add_name(str(getattr(conf, "_name_or_path", "") or "qsweep export"))
+    writer.add_context_length(conf.n_positions)
+    writer.add_embedding_length(conf.n_embd)
+    writer.add_feed_forward_length(conf.n_inner or 4 * conf.n_embd)
+    writer.add_block_count(conf.n_layer)
+    writer.add_head_count(conf.n_head)
+    writer.add_layer_norm_eps(conf.layer_norm_epsilon)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, tok_id in (("bos", conf.bos_token_id), ("eos", conf.eos_token_id)):
+        if tok_id is not None:
+            getattr(writer, f"add_{key}_token_id")(int(tok_id))
+    writer.add_string("qsweep.plan", plan.to_json())
+    writer.add_string("qsweep.tensors", json.dumps(mapping))
+    writer.add_string("qsweep.tensor_sha256", sha256_of(a.tobytes() for _, a, _ in arrays))
+    for gname, data, ggml_type in arrays:
+        raw = None if ggml_type in ("F32", "F16") else gguf.GGMLQuantizationType[ggml_type]
+        writer.add_tensor(gname, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)  # a crash mid-write leaves no file that looks complete
+    tensor_bytes = sum(a.nbytes for _, a, _ in arrays)
+    padding = sum(-a.nbytes % writer.data_alignment for _, a, _ in arrays)
+    file_bytes = path.stat().st_size
+    return ExportResult(
+        target="gguf",
+        path=str(path),
+        plan_digest=plan.digest(),
+        predicted_bytes=packed_size_bytes(table, plan),
+        tensor_bytes=tensor_bytes,
+        file_bytes=file_bytes,
+        widened_bytes=widened,
+        notes=[
+            f"overhead {file_bytes - tensor_bytes} bytes: header, metadata (tokenizer vocabulary and merges, "
+            f"hyperparameters, qsweep.* keys) and tensor infos {file_bytes - tensor_bytes - padding}, padding of "
+            f"tensor data to {writer.data_alignment}-byte alignment {padding}"
+        ],
+    )
+
+
+@dataclass
+class GGUFExport:
+    """A GGUF file read back: dequantized fp32 tensors by HF parameter name (HF layout), their GGML types, the
+    plan it was written from and the architecture's hyperparameters."""
+
+    tensors: dict[str, torch.Tensor]
+    types: dict[str, str]
+    plan: Plan
+    metadata: dict
+
+
+def _field(reader, key: str):
+    f = reader.get_field(key)
+    return None if f is None else f.contents()
+
+
+def read_gguf(path: str | Path) -> GGUFExport:
+    """Read and check a GGUF file qsweep wrote; one :class:`ExportError` line if it is truncated or corrupted."""
+    gguf = require_gguf()
+    path = Path(path)
+    where = f"GGUF file {str(path)!r}"
+    if not path.is_file():
+        raise ExportError(f"{where} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+        tensors = list(reader.tensors)
+        checksum, mapping, plan_json = (
+            _field(reader, k) for k in ("qsweep.tensor_sha256", "qsweep.tensors", "qsweep.plan")
+        )
+    except Exception as e:  # gguf-py raises ValueError, KeyError, IndexError... on a damaged file
+        raise ExportError(f"{where} is truncated or corrupted ({first_line(e)}); export it again") from None
+    if checksum is None or mapping is None:
+        raise ExportError(
+            f"{where} was not written by qsweep (no qsweep.tensor_sha256 / qsweep.tensors keys)"
+        )
+    if sha256_of(bytes(t.data.reshape(-1).view(np.uint8)) for t in tensors) != checksum:
+        raise ExportError(
+            f"{where} is corrupted: its tensor data does not match its SHA-256; export it again"
+        )
+    mapping = json.loads(mapping)
+    out, types = {}, {}
+    for t in tensors:
+        hf_name, transposed = mapping[t.name]
+        w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+        out[hf_name] = w.t().contiguous() if transposed else w
+        types[hf_name] = t.tensor_type.name
+    meta = {
+        k: _field(reader, f"gpt2.{k}")
+        for k in ("context_length", "embedding_length", "block_count", "feed_forward_length")
+    }
+    return GGUFExport(out, types, Plan(json.loads(plan_json)["units"]), meta)
