@@ -91,3 +91,88 @@ def test_measured_plans_are_never_proposed_and_moves_stay_local():
         assert g.anchor in {m.plan for m in top}
         assert 1 <= sum(g.plan[u] != g.anchor[u] for u in UNITS) <= 2
     assert propose([], table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0) == []
+
+
+def test_hypervolume_gain_equals_the_difference_of_hypervolumes():
+    import numpy as np
+
+    from qsweep.bench.hypervolume import hypervolume
+    from qsweep.search.front import hypervolume_gain
+
+    rng = np.random.default_rng(0)
+    box = (0.5, 1.2)
+    for _ in range(20):
+        front = [tuple(p) for p in rng.uniform([0.1, 1.0], [0.6, 1.3], size=(rng.integers(0, 8), 2))]
+        cand = rng.uniform([0.1, 1.0], [0.6, 1.3], size=(50, 2))
+        got = hypervolume_gain(front, cand[:, 0], cand[:, 1], box)
+        want = [hypervolume([*front, tuple(c)], box) - hypervolume(front, box) for c in cand]
+        assert got == pytest.approx(want, abs=1e-12)
+    assert hypervolume_gain([(0.2, 1.1)], np.array([np.inf, 0.3]), np.array([1.0, np.inf]), box).tolist() == [
+        0,
+        0,
+    ]
+
+
+def test_the_hypervolume_criterion_proposes_the_largest_predicted_gain_from_any_front_member():
+    from qsweep.bench.hypervolume import hypervolume
+
+    # a measured front of two plans with a gap between them; the additive table is exact (alpha = 1)
+    plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in (("int4", "int4", "int4", "int4"),
+                                                                ("fp16", "int4", "int4", "int4"),
+                                                                ("int2", "int2", "int2", "int4"))]  # fmt: skip
+    measured = [Measured(p, pred(p), size(p)) for p in plans]
+    box = (0.5, 1.2)
+    got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=3,
+                  criterion="hypervolume", box=box)  # fmt: skip
+
+    def point(p):
+        return (size(p) / 800, math.exp(pred(p)))
+
+    front = [point(p) for p in plans]
+    base = hypervolume(front, box)
+    gains = []
+    for fs in itertools.product(FORMATS, repeat=4):  # brute force: within two changes of a front member
+        p = Plan(dict(zip(UNITS, fs, strict=True)))
+        near = any(
+            1 <= sum(p[u] != m[u] for u in UNITS) <= 2
+            for m in plans
+            if point(m)[0] < box[0] and point(m)[1] < box[1]
+        )
+        gain = hypervolume([*front, point(p)], box) - base
+        if near and p not in plans and gain > 0:
+            gains.append((gain, p))
+    gains.sort(key=lambda x: -x[0])
+    assert got and [g.value for g in got] == pytest.approx([g for g, _ in gains[: len(got)]])
+    assert got[0].plan == gains[0][1]
+    assert all(g.value > 0 for g in got)
+
+
+def test_an_unknown_refine_criterion_is_refused():
+    with pytest.raises(ValueError, match="unknown refine criterion 'hv'; valid: fitness, hypervolume"):
+        propose(
+            [], table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, criterion="hv"
+        )
+
+
+def test_a_jump_is_predicted_from_the_measured_plan_sharing_most_units_and_ranked_by_gain():
+    near = Plan({"a": "int4", "b": "int4", "c": "int4", "d": "int4"})
+    far = Plan({"a": "fp16", "b": "fp16", "c": "fp16", "d": "fp16"})
+    measured = [Measured(near, pred(near) + 0.01, size(near)), Measured(far, 0.0, size(far))]
+    jump = Plan({"a": "int4", "b": "int2", "c": "int2", "d": "int4"})  # 2 units from `near`, 4 from `far`
+    got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0,
+                  n=100, criterion="hypervolume", box=(0.5, 1.2), jumps=[jump, near])  # fmt: skip
+    mine = [g for g in got if g.plan == jump]
+    assert len(mine) == 1 and mine[0].anchor == near  # measured `near` itself is never proposed again
+    assert mine[0].predicted_delta_nll == pytest.approx(pred(jump) + 0.01)  # alpha = 1 (two measured plans)
+    assert mine[0].size_bytes == size(jump)
+    assert [g.value for g in got] == sorted((g.value for g in got), reverse=True)
+
+
+@pytest.mark.parametrize("box", [[0.5], [0.0, 1.2], [1.5, 1.2], [0.5, 1.0]])
+def test_a_bad_front_box_is_refused_naming_the_key(box):
+    from qsweep.errors import ConfigError
+    from qsweep.search.config import search_config
+
+    with pytest.raises(ConfigError, match=r"search.front_box must be \[max size ratio in \(0, 1\]"):
+        search_config({"name": "x", "sampler": "nsga2", "front_box": box})
+    assert search_config({"name": "x", "sampler": "nsga2"}).front_box == [0.5, 1.2]

@@ -325,6 +325,8 @@ def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
     pytest.param(["+search=nsga2", "search.enqueue=[int8]", "precision=lowbit"],
      "qsweep: error: search.enqueue: plan 'int8' puts unit 'wte' in int8, which the precision menu 'lowbit' does not", marks=pytest.mark.slow),
     pytest.param(["+search=nsga2", "search.sampler=cmaes"], "qsweep: error: unknown search.sampler 'cmaes'", marks=pytest.mark.slow),
+    pytest.param(["+search=nsga2", "search.front_box=[0.5,0.9]"],
+     "qsweep: error: search.front_box must be [max size ratio in (0, 1], max perplexity ratio > 1], got [0.5, 0.9]", marks=pytest.mark.slow),
     pytest.param(["+search=nsga2", "storage.url=postgresql+psycopg2://u:secret@127.0.0.1:1/none"],
      "qsweep: error: cannot open storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none'", marks=pytest.mark.slow),
 ])  # fmt: skip

@@ -183,13 +183,16 @@ def predicted_front(
     space_choices: Mapping[str, Sequence[str]],
     unit_sizes: Mapping[str, Mapping[str, int]],
     n_points: int = 20,
+    max_size: int | None = None,
 ) -> list[Allocation]:
-    """Up to ``n_points`` predicted-Pareto plans for budgets evenly spread from the smallest to the largest size
-    the menu allows; duplicates and dominated plans dropped; sorted by size."""
+    """Up to ``n_points`` predicted-Pareto plans for budgets evenly spread from the smallest size the menu allows
+    to the largest (or ``max_size`` bytes, as ``Allocation.size_bytes`` counts them); duplicates and dominated plans dropped;
+    sorted by size."""
     if n_points < 1:
         raise ValueError(f"n_points must be >= 1, got {n_points}")
     prob = _Problem(table, space_choices, unit_sizes)
-    budgets = np.linspace(prob.min_size, prob.max_size, n_points) if n_points > 1 else [prob.max_size]
+    top = prob.max_size if max_size is None else max(prob.min_size, min(prob.max_size, max_size))
+    budgets = np.linspace(prob.min_size, top, n_points) if n_points > 1 else [top]
     found: dict[Plan, Allocation] = {}
     for b in budgets:
         a = prob.solve(int(b))

@@ -47,6 +47,8 @@ class SearchConfig:
     # measured local search at the end (qsweep.search.refine), part of n_trials; null: half of what the enqueued
     # plans leave of the budget
     refine_trials: int | None = None
+    # multi objective: the box [size ratio, perplexity ratio] (to the baseline) whose front the refine step fills
+    front_box: list[float] = field(default_factory=lambda: [0.5, 1.2])
 
 
 def search_config(raw) -> SearchConfig:
@@ -86,6 +88,10 @@ def search_config(raw) -> SearchConfig:
         raise ConfigError(
             f"search.warm_start_plans and search.refine_trials must be >= 0, got {s.warm_start_plans}, "
             f"{s.refine_trials}"
+        )
+    if len(s.front_box) != 2 or not (0 < s.front_box[0] <= 1 < s.front_box[1]):
+        raise ConfigError(
+            f"search.front_box must be [max size ratio in (0, 1], max perplexity ratio > 1], got {s.front_box}"
         )
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")

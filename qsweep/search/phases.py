@@ -17,7 +17,7 @@ import optuna
 
 from qsweep.plan import Plan
 from qsweep.score import size_key
-from qsweep.search.allocate import predicted_delta_nll
+from qsweep.search.allocate import predicted_delta_nll, predicted_front
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import Objective
 from qsweep.search.refine import Measured, propose
@@ -92,31 +92,46 @@ def _measured(trials, metric: str) -> list[Measured]:
 
 
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
-            metric: str, budget: int) -> None:  # fmt: skip
-    """Measured local search (qsweep.search.refine) until ``budget`` trials are done."""
+            search: SearchConfig, budget: int) -> None:  # fmt: skip
+    """Measured local search (qsweep.search.refine) until ``budget`` trials are done. A multi-objective study
+    alternates its criterion: best fitness, then the front's hypervolume in ``search.front_box`` (local moves from
+    the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
+    nothing to propose, the other is used."""
+    metric = search.size_metric
     sizes = table.unit_sizes(metric)
     start = count_done(study)
+    jumps = []  # the hypervolume criterion may also jump to a plan of the allocator's front inside the box
+    if objective.kind == "multi":
+        top = int(search.front_box[0] * session.baseline_size_bytes)
+        jumps = [a.plan for a in predicted_front(table, space.choices, sizes, n_points=64, max_size=top)]
     while count_done(study) < budget:
-        props = propose(_measured(study.get_trials(deepcopy=False), metric), table, space, sizes,
-                        baseline_bytes=session.baseline_size_bytes, penalty=session.penalty)  # fmt: skip
-        if not props:
-            log.info("refine: no unmeasured neighbour left")
-            return
-        p = props[0]
         k = sum(
             t.user_attrs.get("enqueued_as", "").startswith("refine:")
             for t in study.get_trials(deepcopy=False)
         )
+        measured = _measured(study.get_trials(deepcopy=False), metric)
+        criteria = ["fitness", "hypervolume"] if objective.kind == "multi" else ["fitness"]
+        props = []
+        for criterion in criteria[k % len(criteria) :] + criteria[: k % len(criteria)]:
+            props = propose(measured, table, space, sizes, baseline_bytes=session.baseline_size_bytes,
+                            penalty=session.penalty, criterion=criterion, box=search.front_box,
+                            jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
+            if props:
+                break
+        if not props:
+            log.info("refine: no unmeasured neighbour left")
+            return
+        p = props[0]
         enqueue_plans(study, {f"refine:{k}": space.params_of(p.plan)},
-                      {f"refine:{k}": {"predicted_fitness": p.predicted_fitness}})  # fmt: skip
+                      {f"refine:{k}": {"predicted_fitness": p.predicted_fitness, "refine_criterion": criterion}})  # fmt: skip
         optimize(study, objective, count_done(study) + 1, progress=False)
         t = next(
             (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == f"refine:{k}"),
             None,
         )
-        log.info("refine %d (%d/%d): predicted fitness_%s %.4f, measured %s", k, count_done(study) - start,
-                 budget - start, metric,
-                 p.predicted_fitness, t and t.user_attrs.get(f"fitness_{metric}"))  # fmt: skip
+        log.info("refine %d (%d/%d, %s): predicted fitness_%s %.4f, measured %s", k, count_done(study) - start,
+                 budget - start, criterion, metric, p.predicted_fitness,
+                 t and t.user_attrs.get(f"fitness_{metric}"))  # fmt: skip
 
 
 def interactions(trials, table: SensitivityTable | None) -> list[dict]:
@@ -162,5 +177,5 @@ def run_phases(
     refine = search.refine_trials if search.refine_trials is not None else left // 2
     optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
     if refine:
-        _refine(study, objective, space, table, session, search.size_metric, budget)
+        _refine(study, objective, space, table, session, search, budget)
     return budget

@@ -11,8 +11,14 @@ it alone finds nothing; refining blind costs an evaluation per move. This step d
   the study has measured (clamped to [0.25, 8]; 1 with fewer than 3 plans), so a model that under-predicts by 25%
   is scaled up before it ranks anything.
 * **Moves**: every one-unit change (any other format on the unit's menu) and every two-unit change (one unit up and
-  another down, or both down: the trade a knapsack makes), from each of the ``n_incumbents`` best measured plans by
-  fitness; ranked by predicted fitness; plans already measured are skipped.
+  another down, or both down: the trade a knapsack makes); plans already measured are skipped. Two criteria:
+
+  - ``fitness`` (the single-objective study): moves from each of the ``n_incumbents`` best measured plans by
+    fitness, ranked by predicted fitness;
+  - ``hypervolume`` (the multi-objective study, alternating with ``fitness``): moves from *every* member of the
+    measured front inside ``search.front_box``, ranked by the hypervolume their predicted point would add to the
+    measured front (:mod:`qsweep.search.front`): the step fills the front's widest gaps, where the additive model
+    says a plan should exist, instead of polishing one point.
 The app evaluates the top proposal, records it in the study, and asks again, so each measurement moves the anchor
 and the calibration (qsweep.app.run_search, ``search.refine_trials``).
 """
@@ -27,10 +33,13 @@ import numpy as np
 
 from qsweep.plan import Plan
 from qsweep.search.allocate import predicted_delta_nll
+from qsweep.search.front import hypervolume_gain, staircase
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
 
-__all__ = ["Measured", "Proposal", "calibration", "propose"]
+__all__ = ["CRITERIA", "Measured", "Proposal", "calibration", "propose"]
+
+CRITERIA = ("fitness", "hypervolume")
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Proposal:
     size_bytes: int
     predicted_fitness: float
     anchor: Plan
+    value: float  # what it was ranked by: its predicted fitness, or its predicted hypervolume gain
 
 
 def calibration(measured: Sequence[Measured], table: SensitivityTable) -> float:
@@ -77,51 +87,104 @@ def propose(
     n: int = 1,
     n_incumbents: int = 3,
     exclude: set[str] = frozenset(),
+    criterion: str = "fitness",
+    box: Sequence[float] = (0.5, 1.2),
+    jumps: Sequence[Plan] = (),
 ) -> list[Proposal]:
-    """The ``n`` unmeasured neighbours of highest predicted fitness (module docstring); ``exclude`` holds plan
-    digests not to propose (every measured plan is excluded anyway)."""
+    """The ``n`` unmeasured neighbours ranked best by ``criterion`` (module docstring); ``exclude`` holds plan
+    digests not to propose (every measured plan is excluded anyway). ``criterion="hypervolume"`` ranks by predicted
+    hypervolume gain over the measured front in ``box`` (size ratio, perplexity ratio), from every front member,
+    and proposes only plans with a positive gain. ``jumps`` are plans anywhere in the space (the allocator's
+    predicted front), each anchored on the measured plan that shares most units with it."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown refine criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     ok = [m for m in measured if math.isfinite(m.delta_nll)]
     if not ok:
         return []
     alpha = calibration(ok, table)
     seen = set(exclude) | {m.plan.digest() for m in measured}
-    fit = _fitness(baseline_bytes, np.array([m.size_bytes for m in ok], float), np.array([m.delta_nll for m in ok]),
-                   penalty)  # fmt: skip
-    incumbents = [ok[i] for i in np.argsort(-fit, kind="stable")[:n_incumbents]]
+    size = np.array([m.size_bytes for m in ok], float)
+    delta = np.array([m.delta_nll for m in ok])
+
+    def fitness(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return _fitness(baseline_bytes, s, d, penalty)
+
+    if criterion == "fitness":
+        incumbents = [
+            ok[i] for i in np.argsort(-_fitness(baseline_bytes, size, delta, penalty), kind="stable")
+        ]
+        incumbents = incumbents[:n_incumbents]
+        value = fitness
+
+    else:
+        points = np.stack([size / baseline_bytes, np.exp(delta)], axis=1)
+        front = staircase(points, box)
+        incumbents = [m for m, p in zip(ok, points, strict=True) if any((p == f).all() for f in front)]
+
+        def value(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+            with np.errstate(over="ignore"):
+                gain = hypervolume_gain(front, s / baseline_bytes, np.exp(d), box)
+            return np.where(gain > 0, gain, -np.inf)
+
     found: list[Proposal] = []
     for inc in incumbents:
-        units, fmts, dd, ds = [], [], [], []
-        for u in space.searchable:
-            cur = inc.plan[u]
-            for f in space.choices[u]:
-                if f != cur:
-                    units.append(u)
-                    fmts.append(f)
-                    dd.append(alpha * (table.delta(u, f) - table.delta(u, cur)))
-                    ds.append(sizes[u][f] - sizes[u][cur])
-        if not units:
+        found += _neighbours(inc, table, space, sizes, alpha, value, fitness, n, seen)
+    for plan in jumps:
+        if plan.digest() in seen:
             continue
-        dd_a, ds_a, unit_ids = np.array(dd), np.array(ds, float), np.unique(units, return_inverse=True)[1]
-        # one-unit moves [m] and two-unit moves [m, m] (different units, i < j)
-        single = _fitness(baseline_bytes, inc.size_bytes + ds_a, inc.delta_nll + dd_a, penalty)
-        pair = _fitness(baseline_bytes, inc.size_bytes + ds_a[:, None] + ds_a[None, :],
-                        inc.delta_nll + dd_a[:, None] + dd_a[None, :], penalty)  # fmt: skip
-        pair[np.tril_indices(len(units))] = -np.inf
-        pair[unit_ids[:, None] == unit_ids[None, :]] = -np.inf
-        order = [((i,), single[i]) for i in np.argsort(-single)[: 4 * n + 8]]
-        flat = np.argsort(-pair, axis=None)[: 4 * n + 8]
-        order += [((int(k) // len(units), int(k) % len(units)), pair.flat[k]) for k in flat]
-        for moves, value in order:
-            if not math.isfinite(value):
-                continue
-            formats = dict(inc.plan.formats)
-            for i in moves:
-                formats[units[i]] = fmts[i]
-            plan = Plan(formats)
-            if plan.digest() in seen:
-                continue
-            seen.add(plan.digest())
-            found.append(Proposal(plan, inc.delta_nll + float(sum(dd[i] for i in moves)),
-                                  int(inc.size_bytes + sum(ds[i] for i in moves)), float(value), inc.plan))  # fmt: skip
-    found.sort(key=lambda p: p.predicted_fitness, reverse=True)
+        seen.add(plan.digest())
+        anchor = min(ok, key=lambda m: sum(m.plan[u] != plan[u] for u in space.searchable))
+        d = anchor.delta_nll + alpha * (
+            predicted_delta_nll(table, plan) - predicted_delta_nll(table, anchor.plan)
+        )
+        s = anchor.size_bytes + sum(sizes[u][plan[u]] - sizes[u][anchor.plan[u]] for u in space.searchable)
+        v = float(value(np.array(float(s)), np.array(d)))
+        if math.isfinite(v):
+            found.append(
+                Proposal(plan, d, int(s), float(fitness(np.array(float(s)), np.array(d))), anchor.plan, v)
+            )
+    found.sort(key=lambda p: p.value, reverse=True)
     return found[:n]
+
+
+def _neighbours(inc: Measured, table, space, sizes, alpha: float, value, fitness, n: int, seen: set[str]):
+    """The best one- and two-unit moves from ``inc`` by ``value(size, delta_nll)`` (anchored, calibrated)."""
+    units, fmts, dd, ds = [], [], [], []
+    for u in space.searchable:
+        cur = inc.plan[u]
+        for f in space.choices[u]:
+            if f != cur:
+                units.append(u)
+                fmts.append(f)
+                dd.append(alpha * (table.delta(u, f) - table.delta(u, cur)))
+                ds.append(sizes[u][f] - sizes[u][cur])
+    if not units:
+        return []
+    dd_a, ds_a, unit_ids = np.array(dd), np.array(ds, float), np.unique(units, return_inverse=True)[1]
+    # one-unit moves [m] and two-unit moves [m, m] (different units, i < j)
+    single = value(inc.size_bytes + ds_a, inc.delta_nll + dd_a)
+    pair = value(
+        inc.size_bytes + ds_a[:, None] + ds_a[None, :], inc.delta_nll + dd_a[:, None] + dd_a[None, :]
+    )
+    pair[np.tril_indices(len(units))] = -np.inf
+    pair[unit_ids[:, None] == unit_ids[None, :]] = -np.inf
+    order = [((i,), single[i]) for i in np.argsort(-single)[: 4 * n + 8]]
+    flat = np.argsort(-pair, axis=None)[: 4 * n + 8]
+    order += [((int(k) // len(units), int(k) % len(units)), pair.flat[k]) for k in flat]
+    found = []
+    for moves, v in order:
+        if not math.isfinite(v):
+            continue
+        formats = dict(inc.plan.formats)
+        for i in moves:
+            formats[units[i]] = fmts[i]
+        plan = Plan(formats)
+        if plan.digest() in seen:
+            continue
+        seen.add(plan.digest())
+        d = inc.delta_nll + float(sum(dd[i] for i in moves))
+        s = int(inc.size_bytes + sum(ds[i] for i in moves))
+        found.append(
+            Proposal(plan, d, s, float(fitness(np.array(s, float), np.array(d))), inc.plan, float(v))
+        )
+    return found
