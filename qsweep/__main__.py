@@ -34,10 +34,14 @@ def error_line(err: BaseException) -> str:
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from qsweep.app import evaluate_one, run_search
+    from qsweep.export.cli import export_one
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        row = run_search(cfg, out_dir) if cfg.search is not None else evaluate_one(cfg, out_dir)
+        if cfg.get("export") is not None:
+            row = export_one(cfg, out_dir)
+        else:
+            row = run_search(cfg, out_dir) if cfg.search is not None else evaluate_one(cfg, out_dir)
     except USER_ERRORS as e:
         print(error_line(e), file=sys.stderr)
         sys.exit(2)

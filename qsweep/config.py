@@ -110,6 +110,7 @@ class Config:
     penalty: float = 10.0
     split: str | None = None  # the split a single-plan evaluation uses; null: eval.report_split
     search: Any = None  # set by +search=NAME (conf/search/); validated by qsweep.search.study.SearchConfig
+    export: Any = None  # set by +export=NAME (conf/export/); validated by qsweep.export.cli
     worker: int = 0  # index of this worker of a shared study: sampler seed = search.seed + worker
 
 
