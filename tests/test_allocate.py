@@ -143,3 +143,17 @@ def test_mismatched_inputs_are_user_errors():
     short = {**sizes, u: {f: s for f, s in sizes[u].items() if f != choices[u][0]}}
     with pytest.raises(AllocationError, match=f"no size given for unit '{u}' in format '{choices[u][0]}'"):
         allocate(table, choices, short, 10**9)
+
+
+def test_the_solver_cannot_write_to_the_commands_stdout(capfd):
+    import os
+
+    from qsweep.search.allocate import _solver_stdout_muted
+
+    print("before", flush=True)
+    with _solver_stdout_muted():
+        os.write(
+            1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n"
+        )  # as C code does
+    print("after", flush=True)
+    assert capfd.readouterr().out == "before\nafter\n"

@@ -22,8 +22,11 @@ every interval's bound is below the best plan found.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +50,25 @@ __all__ = [
 
 class AllocationError(QsweepError, ValueError):
     """The menu, sizes and sensitivity table do not fit together (a row or a size is missing)."""
+
+
+@contextlib.contextmanager
+def _solver_stdout_muted():
+    """File descriptor 1 points to /dev/null inside (C code writes there, not to ``sys.stdout``)."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no file descriptor 1 (an embedding host): nothing to mute
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 @dataclass(frozen=True)
@@ -119,10 +141,14 @@ class _Problem:
 
     def _milp(self, c: np.ndarray, extra: list[LinearConstraint]):
         cons = [LinearConstraint(self.onehot, 1, 1), *extra]
-        # presolve off: with it, HiGHS 1.x now and then prints a stray debug line to stdout when it maps a solution
-        # back from the presolved problem (ERGO-Code/HiGHS#2783); these problems are small enough without it
+        # HiGHS 1.x now and then prints a stray debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+        # tmpSolver.run();", ERGO-Code/HiGHS#2783) straight to file descriptor 1, presolve or not: the command's
+        # stdout is its JSON result, so the solver's stdout goes to /dev/null
         options = {"mip_rel_gap": 0, "presolve": False}
-        return milp(c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons, options=options)
+        with _solver_stdout_muted():
+            return milp(
+                c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons, options=options
+            )
 
     def _allocation(self, x: np.ndarray, budget: int) -> Allocation:
         pick = x > 0.5
