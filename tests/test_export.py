@@ -1,0 +1,306 @@
+"""Exports: GGUF-native formats are gguf-py's quantizers bit for bit; exported files dequantize to exactly the
+fake-quantized weights, unit by unit; tensor bytes equal the predicted packed size; damaged files are one error;
+real runtimes (llama-cpp-python, transformers + compressed-tensors) reproduce the simulated perplexity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, model_cfg, tiny_model
+from test_cli import run_qsweep, tiny_overrides
+
+from qsweep.apply import apply_plan_
+from qsweep.evaluate import Evaluator
+from qsweep.export.common import ExportError, verify_tensors
+from qsweep.export.runtime import gguf_perplexity, llama_cpp_missing
+from qsweep.formats import get_format
+from qsweep.model import load_model, load_tokenizer, unit_table
+from qsweep.plan import Plan, PlanSpec
+from qsweep.size import packed_size_bytes
+
+gguf = pytest.importorskip("gguf", reason='the export tests need gguf-py: pip install -e ".[export]"')
+from qsweep.export.gguf import GGUF_ACCEPTS, read_gguf, write_gguf  # noqa: E402
+
+GGUF_NATIVE = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
+needs_llama = pytest.mark.skipif(llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))
+
+
+def _hard_weights() -> torch.Tensor:
+    """[64, 256] with every edge case of the block quantizers in its first rows (shape [out, in])."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 256, generator=g) * torch.logspace(-6, 1, 64).unsqueeze(
+        1
+    )  # fp16-subnormal scales too
+    w[0, :32] = torch.arange(-15.5, 16.0)  # ties at every .5
+    w[1, :32] = 0.0  # a zero block
+    w[2, :32] = torch.tensor([0.5, -0.5] * 16)  # |max| tie between signs: the first one decides Q4_0's sign
+    w[3, :32] = 3.0  # a constant block (max == min)
+    w[4, :32] = -torch.linspace(0, 1, 32)  # all non-positive
+    return w
+
+
+def _gguf_roundtrip(w: np.ndarray, name: str) -> np.ndarray:
+    t = gguf.GGMLQuantizationType[name.upper()]
+    return gguf.quants.dequantize(gguf.quants.quantize(w, t), t)
+
+
+@pytest.mark.parametrize("name", GGUF_NATIVE)
+def test_gguf_formats_are_gguf_py_bit_for_bit(name):
+    fmt, w = get_format(name), _hard_weights()
+    reference = _gguf_roundtrip(w.numpy(), name)
+    assert np.array_equal(fmt.fake_quant(w, channel_dim=0).numpy(), reference)  # nn.Linear [out, in]
+    # GPT-2's Conv1D stores [in, out]: blocks still run along the input, as in llama.cpp's transposed tensor
+    assert np.array_equal(fmt.fake_quant(w.t().contiguous(), channel_dim=1).numpy(), reference.T)
+
+
+@pytest.mark.parametrize("name", GGUF_NATIVE)
+def test_gguf_formats_store_what_llama_cpp_stores(name):
+    fmt = get_format(name)
+    w = torch.randn(3, 100)
+    assert torch.equal(
+        fmt.fake_quant(torch.tensor([0.1234567, -3.0])), torch.tensor([0.1234567, -3.0])
+    )  # 1-D: F32
+    assert torch.equal(fmt.fake_quant(w, 0), w.half().float())  # rows of 100 are not blocks of 32: F16
+    assert fmt.packed_bytes((768,), None) == 4 * 768
+    assert fmt.packed_bytes((3, 100), 0) == 2 * 300
+    assert fmt.packed_bytes((768, 2304), 1) == 768 * 2304 // 32 * BLOCK_BYTES[name]  # GPT-2 c_attn
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    cfg = model_cfg("gpt2", path=str(ROOT / "qsweep" / "assets" / "tiny"))
+    model = load_model(cfg)
+    return model, load_tokenizer(cfg), unit_table(model, cfg)
+
+
+def _expected(model, table, plan) -> dict[str, torch.Tensor]:
+    params = dict(model.named_parameters())
+    return {
+        p.name: get_format(plan[u.name]).fake_quant(params[p.name].detach(), p.channel_dim)
+        for u in table
+        for p in u.params
+    }
+
+
+def _mixed_gguf_plan(table) -> Plan:
+    """Every format GGUF accepts, spread over the units (wte q4_0 is also the tied output matrix)."""
+    names = [n for n in table.names if "ln" not in n]
+    formats = {u: GGUF_ACCEPTS[i % len(GGUF_ACCEPTS)] for i, u in enumerate(names)}
+    return Plan({u: formats.get(u, "fp32") for u in table.names})
+
+
+@pytest.fixture(scope="module")
+def mixed_export(bundled, tmp_path_factory):
+    model, tok, table = bundled
+    plan = _mixed_gguf_plan(table)
+    return plan, write_gguf(model, tok, table, plan, tmp_path_factory.mktemp("gguf") / "mixed.gguf")
+
+
+def test_gguf_export_dequantizes_to_the_simulated_weights_unit_by_unit(bundled, mixed_export):
+    model, _, table = bundled
+    plan, result = mixed_export
+    back = read_gguf(result.path)
+    assert back.plan == plan
+    diffs = verify_tensors(_expected(model, table, plan), back.tensors, table)
+    assert set(diffs) == set(table.names) and set(diffs.values()) == {0.0}
+    # the file holds the types the plan says: c_attn in the unit's block type, its bias F32, the tied wte once
+    fmt = plan["h.0.attn"]
+    assert back.types["transformer.h.0.attn.c_attn.weight"] == {"fp32": "F32", "fp16": "F16"}.get(
+        fmt, fmt.upper()
+    )
+    assert back.types["transformer.h.0.attn.c_attn.bias"] == "F32"
+    assert "lm_head.weight" not in back.tensors
+
+
+def test_gguf_tensor_bytes_equal_the_predicted_packed_size(bundled, mixed_export):
+    _, _, table = bundled
+    plan, result = mixed_export
+    assert result.predicted_bytes == packed_size_bytes(table, plan)
+    # only the fp16/bf16 units' 1-D tensors are stored wider (F32, as llama.cpp computes with them)
+    widened = sum(
+        2 * p.numel for u in table if plan[u.name] in ("fp16", "bf16") for p in u.params if len(p.shape) == 1
+    )
+    assert widened > 0 and result.widened_bytes == widened
+    assert result.tensor_bytes == result.predicted_bytes + widened
+    # the rest of the file is the header and metadata (mostly the 8,192-token vocabulary and its merges)
+    assert (
+        0 < result.overhead_bytes < 400_000
+        and result.file_bytes == result.tensor_bytes + result.overhead_bytes
+    )
+
+
+def test_uniform_q4_0_file_is_the_predicted_size_plus_metadata(bundled, tmp_path):
+    model, tok, table = bundled
+    plan = Plan.uniform(table, "q4_0")
+    result = write_gguf(model, tok, table, plan, tmp_path / "q4_0.gguf")
+    assert result.tensor_bytes == result.predicted_bytes == 2_016_256 and result.widened_bytes == 0
+    assert (
+        result.file_bytes
+        == (tmp_path / "q4_0.gguf").stat().st_size
+        == result.predicted_bytes + result.overhead_bytes
+    )
+
+
+def test_truncated_or_corrupted_gguf_is_one_clear_error(mixed_export, tmp_path):
+    _, result = mixed_export
+    data = bytearray(Path(result.path).read_bytes())
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(
+        ExportError, match=r"^GGUF file '.*cut\.gguf' is truncated or corrupted \(.*\); export it again$"
+    ):
+        read_gguf(cut)
+    data[-5000] ^= 0x40  # one bit of one weight
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(
+        ExportError,
+        match=r"^GGUF file '.*bad\.gguf' is corrupted: its tensor data does not match its SHA-256",
+    ):
+        read_gguf(bad)
+
+
+def test_gguf_refuses_a_format_it_cannot_store_naming_the_unit(bundled, tmp_path):
+    model, tok, table = bundled
+    plan = Plan({**Plan.uniform(table, "q8_0").formats, "h.3.mlp": "int4_g32"})
+    with pytest.raises(ExportError) as err:
+        write_gguf(model, tok, table, plan, tmp_path / "x.gguf")
+    assert str(err.value) == (
+        "export target gguf cannot store unit 'h.3.mlp' as int4_g32; gguf accepts: q8_0, q4_0, q4_1, q5_0, q5_1, "
+        "fp32, fp16, bf16"
+    )
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+
+
+def test_gguf_refuses_other_architectures(tmp_path):
+    model = tiny_model("llama")
+    table = unit_table(model, model_cfg("llama"))
+    with pytest.raises(
+        ExportError,
+        match=r"writes GPT-2-architecture models; this model is 'llama' \(use \+export=compressed",
+    ):
+        write_gguf(model, None, table, Plan.uniform(table, "q8_0"), tmp_path / "x.gguf")
+
+
+# -- compressed-tensors -----------------------------------------------------------------------------------------
+
+
+def _compressed_plan(table, arch: str) -> Plan:
+    """Mixed: int8 per channel, int4 groups of 32, per-tensor int8, fp16 - over Linear units; the rest fp32/fp16."""
+    spec = {"default": "fp32", "rules": [
+        {"pattern": r"layers\.0\.attn", "format": "int8_channel"},
+        {"pattern": r"layers\.1\.attn", "format": "int4_g32"},
+        {"pattern": r"layers\.0\.mlp", "format": "int8"},
+        {"pattern": r"layers\.1\.mlp", "format": "fp16"},
+    ]}  # fmt: skip
+    return PlanSpec.from_dict(spec).resolve(table)
+
+
+@pytest.mark.parametrize("arch", ["opt", "llama"])
+def test_compressed_tensors_export_loads_in_transformers_with_the_simulated_weights(arch, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from qsweep.export.compressed import read_compressed, write_compressed
+
+    model = tiny_model(arch)
+    table = unit_table(model, model_cfg(arch))
+    plan = _compressed_plan(table, arch)
+    result = write_compressed(model, None, table, plan, tmp_path / "ct")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert (
+        config["format"] == "pack-quantized" and len(config["config_groups"]) == 3
+    )  # a mixed-precision checkpoint
+    assert result.tensor_bytes == result.predicted_bytes + result.widened_bytes
+    loaded, plan_back = read_compressed(result.path)
+    assert plan_back == plan
+    reference = tiny_model(arch)
+    apply_plan_(reference, plan, table)
+    diffs = verify_tensors(dict(reference.named_parameters()), dict(loaded.named_parameters()), table)
+    assert set(diffs.values()) == {0.0}
+    ids = torch.randint(0, model.config.vocab_size, (600,), generator=torch.Generator().manual_seed(0))
+    ev = Evaluator(ids, 64, 32, device="cpu")
+    assert ev.evaluate(loaded).nll_sum == ev.evaluate(reference).nll_sum  # same weights, same kernels: exact
+
+
+def test_compressed_tensors_refusals_name_the_unit(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from qsweep.export.compressed import read_compressed, write_compressed
+
+    model = tiny_model("opt")
+    table = unit_table(model, model_cfg("opt"))
+    base = _compressed_plan(table, "opt").formats
+    with pytest.raises(
+        ExportError,
+        match=r"^export target compressed cannot store unit 'embed_tokens' as int8_channel: embeddings and lm_head stay unquantized",
+    ):
+        write_compressed(model, None, table, Plan({**base, "embed_tokens": "int8_channel"}), tmp_path / "a")
+    with pytest.raises(
+        ExportError,
+        match=r"^export target compressed cannot store unit 'layers.0.attn' as int4; compressed accepts: fp32, fp16, bf16, int8, int8_channel",
+    ):
+        write_compressed(model, None, table, Plan({**base, "layers.0.attn": "int4"}), tmp_path / "b")
+    with pytest.raises(
+        ExportError, match=r"cannot store unit 'layers.0.attn_norm' as int8: .*nn.Linear layers only"
+    ):
+        write_compressed(model, None, table, Plan({**base, "layers.0.attn_norm": "int8"}), tmp_path / "c")
+    result = write_compressed(model, None, table, Plan(base), tmp_path / "ok")
+    weights = tmp_path / "ok" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(
+        ExportError, match=r"^compressed-tensors export '.*ok' is corrupted: model.safetensors does not match"
+    ):
+        read_compressed(result.path)
+
+
+# -- real runtime: llama.cpp --------------------------------------------------------------------------------------
+
+
+@needs_llama
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_llama_cpp_perplexity_matches_the_simulation(bundled, tmp_path, name):
+    """llama.cpp on the exported file vs qsweep's simulation, same 8 windows of 256 token ids (README "Export")."""
+    import copy
+
+    import yaml
+
+    from qsweep.data import load_token_ids
+
+    model, tok, table = bundled
+    plan = Plan.uniform(table, name)
+    path = write_gguf(model, tok, table, plan, tmp_path / f"{name}.gguf").path
+    data_cfg = yaml.safe_load((ROOT / "conf" / "data" / "tiny.yaml").read_text())
+    ids = load_token_ids({**data_cfg, "cache_dir": str(tmp_path)}, "test", tok)[:2048]
+    ev = Evaluator(ids, 256, 256, device="cpu")
+    simulated = ev.evaluate(apply_plan_(copy.deepcopy(model), plan, table))
+    runtime = gguf_perplexity(path, ids, 256, 256, threads=2)
+    assert runtime.n_tokens == simulated.n_tokens == 2040
+    assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=2e-3)
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_cli_exports_verifies_and_measures(tmp_path, tiny_dirs):
+    runtime = "true" if llama_cpp_missing() is None else "false"
+    proc = run_qsweep(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=q4_0", "eval.max_tokens=400",
+                      f"export.runtime={runtime}", f"export.path={tmp_path / 'out'}", tmp_path=tmp_path)  # fmt: skip
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert row["units_verified"] == 27 and row["tensor_bytes"] == row["predicted_bytes"]
+    assert (tmp_path / "out" / f"model-{row['plan_digest']}.gguf").stat().st_size == row["file_bytes"]
+    if runtime == "true":
+        assert row["within_tolerance"] is True, row
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_plan_the_target_cannot_store(tmp_path, tiny_dirs):
+    proc = run_qsweep(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=int8", tmp_path=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "qsweep: error: export target gguf cannot store unit 'wte' as int8; gguf accepts: q8_0, q4_0, q4_1, q5_0, "
+        "q5_1, fp32, fp16, bf16"
+    )
