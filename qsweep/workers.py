@@ -114,9 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(proc)
         pumps.append(pump)
 
-    def forward(signum, frame) -> None:  # once per worker; they stop cleanly and print their resume command
+    told: set[int] = set()
+
+    def forward(signum, frame) -> None:  # once per worker: they stop cleanly and print their resume command
         for p in procs:
-            if p.poll() is None:
+            if p.poll() is None and p.pid not in told:
+                told.add(p.pid)
                 p.send_signal(signal.SIGINT)
 
     for s in (signal.SIGINT, signal.SIGTERM):

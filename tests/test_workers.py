@@ -257,3 +257,28 @@ def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trial
     results = [json.loads(p.read_text()) for p in sorted((tmp_path / "w").glob("worker*/results.json"))]
     assert len(results) == 3 and all(r["n_trials_done"] == 40 and "***" in r["storage"] for r in results)
     assert sorted(r["sampler_seed"] for r in results) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_second_cli_run_on_a_running_sqlite_study_is_refused_in_one_line(tmp_path):
+    db = tmp_path / "study.db"
+    args = [*FAST, "+search=random", "search.n_trials=30", f"storage.url=sqlite:///{db}", "search.study_name=s",
+            "eval.max_tokens=16384"]  # fmt: skip
+    env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "qsweep", *args, f"hydra.run.dir={tmp_path / 'a'}"], cwd=ROOT,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not db.exists():
+            time.sleep(0.2)
+        second = subprocess.run([sys.executable, "-m", "qsweep", *args[:-1], f"hydra.run.dir={tmp_path / 'b'}"],
+                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert first.poll() is None, "the first run ended before the second started"
+    finally:
+        first.kill()
+        first.wait(60)
+    assert second.returncode == 2 and "Traceback" not in second.stderr and "locked" not in second.stderr
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"qsweep: error: storage.url='sqlite:///{db}' is in use by another qsweep process; SQLite is not safe for "
+        "concurrent workers: use storage=journal (several workers on one host) or storage=postgres (many hosts)"
+    )
