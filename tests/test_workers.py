@@ -93,6 +93,32 @@ def test_a_stale_journal_trial_is_failed_and_retried(tmp_path):
     assert trials[1].params == {"x": "a"}
 
 
+class _Remembering:
+    """An objective that learns finished plans (as qsweep's Objective does) and says whether it knew its plan."""
+
+    def __init__(self, plan):
+        self.plan, self.known, self.knew = plan, set(), []
+
+    def remember(self, trials):
+        self.known |= {t.user_attrs["plan_digest"] for t in trials if t.state == TrialState.COMPLETE}
+
+    def __call__(self, trial):
+        self.knew.append(self.plan in self.known)
+        trial.set_user_attr("plan_digest", self.plan)
+        return 0.0
+
+
+def test_before_each_trial_a_worker_learns_the_plans_other_workers_finished(tmp_path):
+    url = str(tmp_path / "s.journal")
+    a = optuna.create_study(storage=open_storage(url), study_name="w")
+    b = optuna.load_study(storage=open_storage(url), study_name="w")  # another worker's handle
+    mine = _Remembering("p")
+    optimize(b, mine, 1, progress=False)
+    optimize(a, _Remembering("p"), 2, progress=False)  # the other worker finishes plan p
+    optimize(b, mine, 3, progress=False)
+    assert mine.knew == [False, True]  # its second proposal of p is answered from the study, not re-evaluated
+
+
 def test_a_second_process_on_one_sqlite_file_is_refused_with_one_line(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     opened, done = FORK.Event(), FORK.Event()

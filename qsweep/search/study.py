@@ -1,9 +1,10 @@
 """The study: storage, identity, enqueued plans, and running trials until ``search.n_trials`` are done in total.
 
-* Storage: an SQLite file ``study.db`` in the run directory by default, or any Optuna storage URL
-  (``storage.url``). RDB storages (SQLite included) run with heartbeats (``storage.heartbeat_interval``), so the
-  trial of a killed process is failed once its heartbeat is ``storage.grace_period`` seconds old and its plan is
-  retried. An existing SQLite file that is not an Optuna study store is refused, never written into.
+* Storage (qsweep.search.storage): an SQLite file ``study.db`` in the run directory by default (one process), a
+  journal file (several workers on one host) or PostgreSQL (many hosts), all with heartbeats: the trial of a
+  killed worker is failed once its heartbeat is ``storage.grace_period`` seconds old and its plan retried.
+* Workers: creating the study, enqueueing plans and starting each trial happen under the storage's lock, so any
+  number of workers create and enqueue once and stop at exactly ``search.n_trials`` (:func:`optimize`).
 * Identity: what makes two trials comparable (model, data, protocol, precision menu, size metric, baseline,
   penalty) is stored in the study; resuming it with any of these changed is refused, naming the setting.
 * Enqueued plans (uniform plans, named plans) are the first trials; one whose trial was interrupted is enqueued
