@@ -51,12 +51,10 @@ def gguf_perplexity(
     *,
     threads: int | None = None,
     kv_f32: bool = True,
-    extra_buffers: bool = True,
 ) -> EvalResult:
     """Perplexity of the GGUF file ``path`` under llama.cpp on ``ids`` ``[N]`` with qsweep's sliding windows.
 
-    ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16); ``extra_buffers=False`` turns off the CPU
-    backend's repacked weight layouts (llama_model_params.use_extra_bufts)."""
+    ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16)."""
     missing = llama_cpp_missing()
     if missing:
         raise ExportError(missing)
@@ -66,7 +64,7 @@ def gguf_perplexity(
     ids = ids.reshape(-1).tolist()
     kwargs = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if kv_f32 else {}
     threads = threads or min(os.cpu_count() or 1, 8)
-    llm = _load(llama_cpp, str(path), context, threads, extra_buffers, kwargs)
+    llm = _load(llama_cpp, str(path), context, threads, kwargs)
     start = time.perf_counter()
     window_nll = torch.zeros(len(windows), dtype=torch.float64)
     try:
@@ -90,17 +88,8 @@ def gguf_perplexity(
     return EvalResult(total, int(tokens.sum()), window_nll, tokens, time.perf_counter() - start, error)
 
 
-def _load(llama_cpp, path: str, context: int, threads: int, extra_buffers: bool, kwargs: dict):
-    """A ``llama_cpp.Llama`` with logits for every position; ``use_extra_bufts`` set as asked."""
-    if not extra_buffers:  # not a Llama() argument: set it on the default model params it starts from
-        defaults = llama_cpp.llama_model_default_params
-
-        def patched():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-
-        llama_cpp.llama_model_default_params = patched
+def _load(llama_cpp, path: str, context: int, threads: int, kwargs: dict):
+    """A ``llama_cpp.Llama`` with logits for every position (the context is the window length)."""
     try:
         return llama_cpp.Llama(
             model_path=path,
@@ -115,6 +104,3 @@ def _load(llama_cpp, path: str, context: int, threads: int, extra_buffers: bool,
         )
     except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
         raise ExportError(f"llama.cpp cannot load {path!r}: {e}") from None
-    finally:
-        if not extra_buffers:
-            llama_cpp.llama_model_default_params = defaults
