@@ -31,7 +31,7 @@ SMALL_X = Spec("small-x", n_layers=2, width=64, vocab=512, context=64, saturatio
 # The guard: a GPT-2-like problem (50 units, fp16/int8/int4), separable (exact optimum by the Pareto DP) but with
 # saturation and a noisy proxy table, so the allocator's first plans are not the optimum and the search must climb.
 GUARD = Spec("guard", saturation=1.0, proxy_noise=0.5)
-GUARD_SEED, GUARD_BUDGET = 7, 60
+GUARD_SEED, GUARD_BUDGET = 7, 30
 
 
 def test_generator_is_deterministic(tmp_path):
@@ -220,6 +220,7 @@ def test_problem_from_a_real_sensitivity_table(tmp_path):
     assert q.optimum["how"] == "brute force" and q.optimum["fitness"] == pytest.approx(brute_force(q).fitness)
 
 
+@pytest.mark.slow  # about 15 s of study machinery on a 2-core CPU
 def test_every_method_runs_on_a_problem_and_the_table_prints(capsys, tmp_path):
     path = tmp_path / "set.json"
     from qsweep.bench.synthetic_problem import save_problems

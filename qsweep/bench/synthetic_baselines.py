@@ -128,7 +128,7 @@ def ga(space: SearchSpace, budget: Budget, *, seed: int = 0, population: int = 1
     pop = pop[:population]
     fit = [budget(plan(g)) for g in pop]
     stale = 0
-    while stale < 50 * population:  # a population that only repeats itself ends the run
+    while stale < 10 * population:  # a population that only repeats itself ends the run
         order = sorted(range(len(pop)), key=lambda i: -fit[i])
         children, child_fit = [pop[i] for i in order[:elite]], [fit[i] for i in order[:elite]]
         while len(children) < population:
