@@ -290,7 +290,7 @@ def test_cli_exports_verifies_and_measures(tmp_path, tiny_dirs):
     proc = run_qsweep(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=q4_0", "eval.max_tokens=400",
                       f"export.runtime={runtime}", f"export.path={tmp_path / 'out'}", tmp_path=tmp_path)  # fmt: skip
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert row["units_verified"] == 27 and row["tensor_bytes"] == row["predicted_bytes"]
+    assert row["units_verified"] == 51 and row["tensor_bytes"] == row["predicted_bytes"]
     assert (tmp_path / "out" / f"model-{row['plan_digest']}.gguf").stat().st_size == row["file_bytes"]
     if runtime == "true":
         assert row["within_tolerance"] is True, row
