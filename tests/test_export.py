@@ -259,24 +259,33 @@ def test_compressed_tensors_refusals_name_the_unit(tmp_path):
 # -- real runtime: llama.cpp --------------------------------------------------------------------------------------
 
 
-@needs_llama
-@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
-def test_llama_cpp_perplexity_matches_the_simulation(bundled, tmp_path, name):
-    """llama.cpp on the exported file vs qsweep's simulation, same 8 windows of 256 token ids (README "Export")."""
-    import copy
+@pytest.fixture(scope="module")
+def bundled_ids(bundled):
+    """The first 2,048 token ids of the bundled corpus's test split (the shared token cache, as the CLI uses)."""
+    import os
 
     import yaml
 
     from qsweep.data import load_token_ids
 
+    data_cfg = yaml.safe_load((ROOT / "conf" / "data" / "tiny.yaml").read_text())
+    data_cfg["cache_dir"] = os.environ.get("QSWEEP_CACHE", "~/.cache/qsweep")
+    return load_token_ids(data_cfg, "test", bundled[1])[:2048]
+
+
+@needs_llama
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_llama_cpp_perplexity_matches_the_simulation(bundled, bundled_ids, tmp_path, name):
+    """llama.cpp on the exported file vs qsweep's simulation, same 8 windows of 256 token ids (README "Export")."""
+    import copy
+
     model, tok, table = bundled
     plan = Plan.uniform(table, name)
     path = write_gguf(model, tok, table, plan, tmp_path / f"{name}.gguf").path
-    data_cfg = yaml.safe_load((ROOT / "conf" / "data" / "tiny.yaml").read_text())
-    ids = load_token_ids({**data_cfg, "cache_dir": str(tmp_path)}, "test", tok)[:2048]
-    ev = Evaluator(ids, 256, 256, device="cpu")
+    ev = Evaluator(bundled_ids, 256, 256, device="cpu")
     simulated = ev.evaluate(apply_plan_(copy.deepcopy(model), plan, table))
-    runtime = gguf_perplexity(path, ids, 256, 256, threads=2)
+    # one thread: on a busy 2-core machine OpenMP's spinning threads make 2 threads 10x slower than 1
+    runtime = gguf_perplexity(path, bundled_ids, 256, 256, threads=1)
     assert runtime.n_tokens == simulated.n_tokens == 2040
     assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=2e-3)
 
