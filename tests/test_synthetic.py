@@ -177,6 +177,7 @@ def test_baselines_respect_their_budget_and_shapes():
     assert max(fits[100:]) > max(fits[:16])  # it improves on its first population
 
 
+@pytest.mark.slow  # builds a model and its proxy table: about 8 s on a 2-core CPU
 def test_problem_from_a_real_sensitivity_table(tmp_path):
     """The proxy table of a tiny random GPT-2 (what a study writes as sensitivity.json) -> a problem."""
     import torch

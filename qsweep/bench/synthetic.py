@@ -14,13 +14,17 @@ and every qsweep method runs on it unchanged, configured by ``conf/search/<sampl
   tpe_warm, nsga2_warm, gp_warm warm start (proxy table, allocator plans) + sampler + refine: the default study
   uniform, first_k, greedy, ga  baselines (qsweep.bench.synthetic_baselines)
 
+The default set leaves out gp and gp_warm (GPSampler's fit per trial would take the run past 5 minutes on 2 CPU
+cores) and random (NSGA-II's first generation is random sampling; it scores as nsga2 does); name them with
+``--methods``.
+
 A budget counts evaluations; methods that read the sensitivity table (warm, allocator, greedy) pay its cost
 (``proxy_cost_evals`` of the problem) out of it, as a study does. Methods that do not know their budget run once
-to the largest and are read at each; the others run once per budget. Columns per problem and method (medians
-over seeds): best fitness / the known optimum at each budget, the hypervolume ratio of the evaluated plans' front
+to the largest and are read at each (``--seeds``); the others run once per budget (``--warm-seeds``: they depend
+little on the seed and cost the most). Columns per problem and method (medians over seeds): best fitness / the known optimum at each budget, the hypervolume ratio of the evaluated plans' front
 to the reference front (qsweep.bench.hypervolume; the exact front where the optimum is exact), the evaluations
-to reach 99% of the optimum (table cost included; '-' if not within the largest budget) and the wall time of all
-its runs.
+to reach 99% of the optimum (table cost included; median of the largest budget's runs, '-' unless more than half
+reach it) and the wall time of all its runs.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problems, save_problems
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
+from qsweep.search import warmstart
 from qsweep.search.config import SearchConfig, search_config
 from qsweep.search.objective import Objective
 from qsweep.search.phases import run_phases
@@ -71,8 +76,17 @@ DATA = Path(__file__).parent / "data"
 DEFAULT_SETS = (DATA / "synthetic_test.json", DATA / "synthetic_real_tiny.json")
 SAMPLER_METHODS = ("random", "tpe", "nsga2", "gp", "allocator", "tpe_warm", "nsga2_warm", "gp_warm")
 METHODS = (*BASELINES, *SAMPLER_METHODS)
-DEFAULT_METHODS = ("uniform", "first_k", "greedy", "ga", "random", "tpe", "nsga2", "allocator", "tpe_warm",
-                   "nsga2_warm")  # fmt: skip
+DEFAULT_METHODS = (
+    "uniform",
+    "first_k",
+    "greedy",
+    "ga",
+    "tpe",
+    "nsga2",
+    "allocator",
+    "tpe_warm",
+    "nsga2_warm",
+)
 _USES_TABLE = ("greedy", "allocator", "tpe_warm", "nsga2_warm", "gp_warm")
 _SEEDLESS = ("uniform", "first_k", "greedy", "allocator")  # deterministic: one run serves every seed
 _ANYTIME = (*BASELINES, "random", "tpe", "nsga2", "gp")  # budget-blind: one run, read at every budget
@@ -112,7 +126,7 @@ def _memo_allocator() -> Iterator[None]:
     menu, sizes and arguments, and one benchmark asks the same questions for every method, seed and budget: solve
     each once. The names the search phases imported are swapped for memoized ones and restored on exit (tables
     are held alive meanwhile, so their ids stay unique)."""
-    from qsweep.search import allocate, phases, warmstart
+    from qsweep.search import allocate, phases
 
     memo: dict = {}
 
@@ -153,13 +167,17 @@ def run_method(
                               penalty=problem.penalty, seed=seed)  # fmt: skip
         return Trace.of(b.records, cost, time.perf_counter() - start)
     search = search_settings(method, seed, budget)
-    if method == "allocator":
-        search.warm_start_plans = max(1, budget - math.ceil(cost) - len(space.uniform_plans()))
+    uniform = {f"uniform:{f}": p for f, p in space.uniform_plans().items()}
+    if method == "allocator":  # the allocator's plans only: as many as the budget holds, then the run ends
+        search.warm_start_plans = max(1, budget - math.ceil(cost) - len(uniform))
+        n = len(warmstart.allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
+                                          baseline_bytes=problem.baseline_bytes, penalty=problem.penalty,
+                                          exclude=set(uniform.values())))  # fmt: skip
+        search.n_trials = min(budget, math.ceil(cost) + len(uniform) + n)
     objective = Objective(space, session.score, kind=search.objective, size_metric=search.size_metric)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     sampler = make_sampler(search.sampler, seed, search.sampler_options)
     study = optuna.create_study(directions=objective.directions, sampler=sampler)
-    uniform = {f"uniform:{f}": p for f, p in space.uniform_plans().items()}
     enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
     with contextlib.redirect_stderr(io.StringIO()):  # Optuna's progress bars: one per phase, per run
         run_phases(study, objective, space, session, search, table if search.warm_start else None,
