@@ -49,6 +49,7 @@ from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problems, save_problems
+from qsweep.errors import QsweepError
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
 from qsweep.search import warmstart
@@ -65,11 +66,13 @@ __all__ = [
     "DEFAULT_SETS",
     "METHODS",
     "Trace",
+    "benchmark",
     "main",
     "reference_front",
     "run_method",
     "search_settings",
     "summarize",
+    "table_lines",
 ]
 
 DATA = Path(__file__).parent / "data"
@@ -329,4 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except QsweepError as e:  # a user error (a bad file): one line, no traceback
+        print(f"python -m qsweep.bench.synthetic: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        raise SystemExit(2) from None
