@@ -80,11 +80,18 @@ def evaluate_one(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def resume_command(overrides: list[str], url: str, study_name: str) -> str:
-    """The command line that resumes this study: the user's overrides, with the storage and study pinned."""
+    """The command line that resumes this study: the user's overrides, with the storage and study pinned. A URL
+    with a password is never printed: the command then names no URL, and says where it must come from."""
     drop = ("storage.url=", "search.study_name=", "hydra.run.dir=", "+storage.url=", "+search.study_name=")
     kept = [o for o in overrides if not o.startswith(drop)]
-    args = [*kept, f"storage.url={url}", f"search.study_name={study_name}"]
-    return "python -m qsweep " + " ".join(shlex.quote(a) for a in args)
+    secret = display_url(url) != url
+    if secret and url.startswith("postgresql") and not any(o.startswith("storage=") for o in kept):
+        kept.append("storage=postgres")  # the group that reads QSWEEP_STORAGE_URL
+    args = [*kept, *([] if secret else [f"storage.url={url}"]), f"search.study_name={study_name}"]
+    command = "python -m qsweep " + " ".join(shlex.quote(a) for a in args)
+    if secret:
+        command += f"  (with QSWEEP_STORAGE_URL set to {display_url(url)}, password included)"
+    return command
 
 
 def _task_overrides() -> list[str]:
@@ -166,7 +173,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             budget = run_phases(study, objective, space, session, search, table, reference=enqueue.values())
         except KeyboardInterrupt:
             log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
-                        count_done(study), search.n_trials, resume_command(_task_overrides(), display_url(url), name))  # fmt: skip
+                        count_done(study), search.n_trials, resume_command(_task_overrides(), url, name))  # fmt: skip
             raise
 
     trials = study.get_trials(deepcopy=False)

@@ -75,3 +75,22 @@ def test_handlers_are_restored_and_outside_a_study_a_signal_raises_at_once():
         for _ in range(1000):  # the handler runs between bytecodes of the main thread
             pass
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_resume_command_pins_the_study_and_never_prints_a_password():
+    import shlex
+
+    from qsweep.app import resume_command
+
+    plain = resume_command(
+        ["+search=nsga2", "search.n_trials=8", "hydra.run.dir=/x"], "sqlite:////r/study.db", "s1"
+    )
+    assert shlex.split(plain) == ["python", "-m", "qsweep", "+search=nsga2", "search.n_trials=8",
+                                  "storage.url=sqlite:////r/study.db", "search.study_name=s1"]  # fmt: skip
+    url = "postgresql+psycopg2://u:hunter2@db:5432/q"
+    secret = resume_command(["+search=nsga2", f"storage.url={url}"], url, "s2")
+    assert "hunter2" not in secret
+    command, hint = secret.split("  (", 1)
+    assert shlex.split(command) == ["python", "-m", "qsweep", "+search=nsga2", "storage=postgres",
+                                    "search.study_name=s2"]  # fmt: skip
+    assert hint == "with QSWEEP_STORAGE_URL set to postgresql+psycopg2://u:***@db:5432/q, password included)"
