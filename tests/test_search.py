@@ -234,8 +234,9 @@ def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
     assert len(on_search_split) == len(set(on_search_split)) <= 3  # baseline + the two plans, each once
 
 
-def _run_until(args, tmp_path, db, name, n_complete, sig):
-    """Start a study in a child process, send ``sig`` once ``n_complete`` trials are complete; return the child."""
+def _run_until(args, tmp_path, db, name, n_complete, sig, mid_trial=False):
+    """Start a study in a child process, send ``sig`` once ``n_complete`` trials are complete (and, with
+    ``mid_trial``, a trial is running with its whole plan chosen: being evaluated); return the child."""
     env = {**os.environ, "QSWEEP_CACHE": str(tmp_path / "cache")}
     # a background job of a non-interactive shell inherits SIGINT ignored; qsweep handles it anyway
     proc = subprocess.Popen([sys.executable, "-m", "qsweep", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -245,10 +246,13 @@ def _run_until(args, tmp_path, db, name, n_complete, sig):
     while time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         try:
-            n = states(study_of(f"sqlite:///{db}", name)).get("COMPLETE", 0)
+            trials = study_of(f"sqlite:///{db}", name).get_trials(deepcopy=False)
         except Exception:  # the study does not exist yet
             continue
-        if n >= n_complete:
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        full = max((len(t.params) for t in done), default=0)
+        running = [t for t in trials if t.state.name == "RUNNING" and len(t.params) == full]
+        if len(done) >= n_complete and (running or not mid_trial):
             proc.send_signal(sig)
             break
     return proc
@@ -286,8 +290,8 @@ def test_sigkill_then_resume_retries_the_orphaned_trial(tmp_path):
     args = [*FAST, "+search=random", "search.n_trials=6", f"storage.url=sqlite:///{db}", "search.study_name=killed",
             "storage.heartbeat_interval=1", f"hydra.run.dir={tmp_path / 'r1'}", "eval.max_tokens=16384"]  # fmt: skip
     proc = _run_until(
-        args, tmp_path, db, "killed", 1, signal.SIGKILL
-    )  # mid-way through an enqueued uniform plan
+        args, tmp_path, db, "killed", 1, signal.SIGKILL, mid_trial=True
+    )  # mid-way through a uniform plan
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     before = states(study_of(f"sqlite:///{db}", "killed"))

@@ -254,10 +254,13 @@ def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trial
         except KeyError:
             continue
         trials = study.get_trials(deepcopy=False)
-        mine = [
+        full = max((len(t.params) for t in trials if t.state == TrialState.COMPLETE), default=0)
+        mine = [  # mid-trial: its whole plan chosen, being evaluated
             t
             for t in trials
-            if t.state == TrialState.RUNNING and t.system_attrs.get(WORKER_ATTR, "").endswith(victim)
+            if t.state == TrialState.RUNNING
+            and t.system_attrs.get(WORKER_ATTR, "").endswith(victim)
+            and len(t.params) == full
         ]
         if sum(t.state == TrialState.COMPLETE for t in trials) >= 8 and mine:
             os.kill(pids[3], signal.SIGKILL)
