@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line"]
+__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line", "read_json_file"]
 
 
 class QsweepError(Exception):
@@ -37,3 +37,17 @@ def did_you_mean(name: object, choices: Iterable[object], n: int = 3) -> str:
         return ""
     alternatives = close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
     return f" (did you mean {alternatives}?)"
+
+
+def read_json_file(path, what: str, error: type[QsweepError]):
+    """The JSON value in ``path``; an unreadable file or malformed JSON raises ``error`` with one line naming
+    ``what`` (e.g. "sensitivity file") and the path."""
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise error(f"{what} {str(path)!r} cannot be read ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise error(f"{what} {str(path)!r}: malformed JSON: {e}") from None

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qsweep.errors import QsweepError
+from qsweep.errors import QsweepError, read_json_file
 from qsweep.evaluate import EvalResult
 from qsweep.plan import Plan
 from qsweep.score import PlanScore
@@ -260,12 +260,7 @@ def save_problems(problems: Sequence[Problem], path: str | Path, split: str) -> 
 
 def load_problems(path: str | Path) -> list[Problem]:
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except OSError as e:
-        raise ProblemError(f"synthetic problem file {str(path)!r} cannot be read ({e.strerror})") from None
-    except json.JSONDecodeError as e:
-        raise ProblemError(f"synthetic problem file {str(path)!r}: malformed JSON: {e}") from None
+    raw = read_json_file(path, "synthetic problem file", ProblemError)
     if not isinstance(raw, Mapping) or raw.get("version") != PROBLEM_VERSION:
         raise ProblemError(f"{str(path)!r}: not a version-{PROBLEM_VERSION} qsweep synthetic problem set")
     return [Problem.from_dict(p, f"{path}: problem {k}") for k, p in enumerate(raw.get("problems", []))]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qsweep.errors import QsweepError
+from qsweep.errors import QsweepError, read_json_file
 from qsweep.formats import get_format
 from qsweep.plan import Plan
 from qsweep.units import Unit
@@ -183,12 +183,7 @@ class SensitivityTable:
     @classmethod
     def load(cls, path: str | Path) -> SensitivityTable:
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except OSError as e:
-            raise SensitivityError(f"sensitivity file {str(path)!r} cannot be read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise SensitivityError(f"sensitivity file {str(path)!r}: malformed JSON: {e}") from None
+        raw = read_json_file(path, "sensitivity file", SensitivityError)
         return cls.from_dict(raw, f"sensitivity file {str(path)!r}")
 
     def write_csv(self, path: str | Path) -> Path:
