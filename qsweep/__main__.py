@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from qsweep.config import register_configs
-from qsweep.errors import QsweepError
+from qsweep.errors import QsweepError, user_error_line
 from qsweep.paths import config_dir
 
 register_configs()
@@ -28,7 +28,7 @@ USER_ERRORS = (QsweepError,)
 
 def error_line(err: BaseException) -> str:
     """The one line printed for a user error (a message that spans lines is joined: one error, one line)."""
-    return "qsweep: error: " + " ".join(line.strip() for line in str(err).strip().splitlines())
+    return user_error_line("qsweep", err)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")

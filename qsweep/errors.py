@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line", "read_json_file"]
+__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line", "read_json_file", "user_error_line"]
 
 
 class QsweepError(Exception):
@@ -25,6 +25,12 @@ def first_line(exc: BaseException) -> str:
     """``TypeName: first line of the message`` of a third-party exception, for embedding in a one-line error."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def user_error_line(prog: str, err: BaseException) -> str:
+    """The one line a command prints for a user error, ``PROG: error: MESSAGE`` (a message that spans lines is
+    joined: one error, one line). Every CLI of qsweep prints its QsweepErrors through it."""
+    return f"{prog}: error: " + " ".join(line.strip() for line in str(err).strip().splitlines())
 
 
 def did_you_mean(name: object, choices: Iterable[object], n: int = 3) -> str:

@@ -24,11 +24,12 @@ import qsweep.data as data
 import qsweep.model as qmodel
 from qsweep.__main__ import USER_ERRORS, error_line
 from qsweep.data import DataLoadError, load_token_ids
-from qsweep.errors import ConfigError, QsweepError
+from qsweep.errors import ConfigError, QsweepError, user_error_line
 from qsweep.evaluate import MIN_SCORED_TOKENS, resolve_device, sliding_windows
 from qsweep.families import resolve_for_model
 from qsweep.model import ModelLoadError, load_model, load_model_config, meta_model, unit_table
 from qsweep.plan import PlanError, named_plan_spec, plan_from_config, plan_names
+from qsweep.search.config import search_config
 from qsweep.session import EvalSession
 
 # The seed's plans name GPT-2 small's units; every other shipped plan must fit every supported family.
@@ -119,6 +120,25 @@ def test_only_the_projects_errors_are_user_errors():
     assert (
         error_line(ConfigError("eval.stride bad\n  second line"))
         == "qsweep: error: eval.stride bad second line"
+    )
+
+
+def test_every_cli_prints_a_user_error_as_one_joined_line():
+    # qsweep, qsweep.bench.reference and qsweep.bench.synthetic all print through errors.user_error_line
+    err = ConfigError("eval.stride bad\n  second line")
+    assert (
+        user_error_line("qsweep.bench.reference", err)
+        == "qsweep.bench.reference: error: eval.stride bad second line"
+    )
+    assert error_line(err) == user_error_line("qsweep", err)
+
+
+def test_a_bad_search_value_is_one_line_with_the_key_and_the_omegaconf_error():
+    with pytest.raises(ConfigError) as info:
+        search_config({"name": "x", "sampler": "nsga2", "n_trials": "abc"})
+    assert str(info.value) == (
+        "bad search setting search.n_trials: ValidationError: Value 'abc' of type 'str' could not be converted "
+        "to Integer"
     )
 
 

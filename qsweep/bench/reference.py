@@ -344,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from qsweep.errors import QsweepError, first_line
+    from qsweep.errors import QsweepError, first_line, user_error_line
     from qsweep.paths import config_dir
     from qsweep.session import EvalSession
 
@@ -379,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc = build_reference(session, menu, args.menu, evals=args.evals, seconds=args.seconds, seed=args.seed,
                               split=args.split, top=args.top, command=command, archive=args.archive)  # fmt: skip
     except QsweepError as e:
-        print(f"qsweep.bench.reference: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(user_error_line("qsweep.bench.reference", e), file=sys.stderr)
         return 2
     write_reference(doc, args.out)
     b = doc["best"]

@@ -49,7 +49,7 @@ from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problems, save_problems
-from qsweep.errors import QsweepError
+from qsweep.errors import QsweepError, user_error_line
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
 from qsweep.search import warmstart
@@ -335,5 +335,5 @@ if __name__ == "__main__":
     try:
         raise SystemExit(main())
     except QsweepError as e:  # a user error (a bad file): one line, no traceback
-        print(f"python -m qsweep.bench.synthetic: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(user_error_line("python -m qsweep.bench.synthetic", e), file=sys.stderr)
         raise SystemExit(2) from None

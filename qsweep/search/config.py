@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from qsweep.errors import ConfigError, did_you_mean
+from qsweep.errors import ConfigError, did_you_mean, first_line
 from qsweep.score import SIZE_METRICS
 
 __all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
@@ -63,8 +63,7 @@ def search_config(raw) -> SearchConfig:
             raise ConfigError(
                 f"unknown key search.{key}{did_you_mean(str(key), valid)}; valid keys: {', '.join(valid)}"
             ) from None
-        msg = str(e).strip().splitlines()[0]
-        raise ConfigError(f"bad search setting{f' search.{key}' if key else ''}: {msg}") from None
+        raise ConfigError(f"bad search setting{f' search.{key}' if key else ''}: {first_line(e)}") from None
     if s.n_trials <= 0:
         raise ConfigError(f"search.n_trials must be > 0, got {s.n_trials}")
     if s.objective not in OBJECTIVES:
