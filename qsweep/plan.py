@@ -27,6 +27,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -257,27 +258,25 @@ def seed_plan_to_spec(raw: Mapping, table: UnitTable, source: str = "seed plan")
                     f"{', '.join(map(str, _SEED_WIDTHS))} or a format name"
                 )
         widths[str(pattern)] = name
-    used = dict.fromkeys(widths, False)
+    # "the first pattern the name contains" is an ordered rule set whose patterns are ``.*<literal>.*``
+    patterns = list(widths)
+    rules = OrderedRules.compile(
+        ((f"(?s).*{re.escape(p)}.*", widths[p]) for p in patterns), source=source, error=PlanError
+    )
     units: dict[str, str] = {}
     for unit in table:
-        fmts = set()
-        for p in unit.params:
-            fmt = "fp32"
-            for pattern, name in widths.items():
-                if pattern in p.name:
-                    used[pattern] = True
-                    fmt = name
-                    break
-            fmts.add(fmt)
+        fmts = {hit.value if (hit := rules.first(p.name)) else "fp32" for p in unit.params}
         if len(fmts) > 1:
             raise PlanError(
                 f"{source}: its patterns give unit {unit.name!r} several formats ({', '.join(sorted(fmts))}); "
                 f"choose a finer unit granularity (model.granularity=linear)"
             )
         units[unit.name] = fmts.pop()
-    unused = [p for p, hit in used.items() if not hit]
+    unused = rules.unused(p.name for unit in table for p in unit.params)
     if unused:
-        raise PlanError(f"{source}: pattern {unused[0]!r} matches no parameter name")
+        raise PlanError(
+            f"{source}: pattern {patterns[rules.patterns.index(unused[0])]!r} matches no parameter name"
+        )
     return PlanSpec(units=units)
 
 

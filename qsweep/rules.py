@@ -4,7 +4,8 @@ A rule set is an ordered list of ``(pattern, value)`` pairs; a pattern matches a
 callers read three kinds of config with it, each choosing the semantics it needs:
 
   * plan rules (``PlanSpec.resolve``): the first matching rule wins; a rule that matches none of the model's unit
-    names is an error (it is almost always a typo, and would silently do nothing);
+    names is an error (it is almost always a typo, and would silently do nothing); the seed's ``{substring:
+    width}`` plans (``seed_plan_to_spec``) are the same with ``.*<literal>.*`` patterns over parameter names;
   * precision menus (``SearchSpace.from_menu``): the first matching entry wins; entries that match nothing are
     allowed, because one menu serves several model families (``.*(ln|norm).*``);
   * unit grouping (``discover_units``): exactly one rule may claim a parameter, since two rules claiming one is a

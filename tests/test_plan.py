@@ -69,6 +69,17 @@ def test_seed_plan_format(tmp_path, gpt2_small_table):
     assert plan == ours  # LayerNorms unmatched -> fp32, as the seed does
 
 
+def test_seed_patterns_are_literal_substrings_first_wins(gpt2_small_table):
+    """Seed plans go through qsweep.rules like every rule list: a pattern is a literal substring ('.' is a dot,
+    '[12]' is brackets), the first contained pattern wins, and only a pattern no parameter name contains is an
+    error (one shadowed by an earlier pattern is not, as with regex rules)."""
+    plan = plan_from_config({"h.1.": 4, "mlp": 8, "h.0.mlp": 16}, gpt2_small_table)
+    assert plan["h.1.attn"] == plan["h.1.ln_2"] == "int4" and plan["h.10.attn"] == plan["h.11.ln_1"] == "fp32"
+    assert plan["h.0.mlp"] == "int8" and plan["h.1.mlp"] == "int4" and plan["h.10.mlp"] == "int8"
+    with pytest.raises(PlanError, match=r"^plan: pattern 'ln_\[12\]' matches no parameter name$"):
+        plan_from_config({"ln_[12]": 8}, gpt2_small_table)
+
+
 def test_seed_plan_that_splits_a_unit_asks_for_finer_granularity(gpt2_small_table):
     with pytest.raises(PlanError, match=r"several formats.*model.granularity=linear"):
         plan_from_config({"c_attn": 8}, gpt2_small_table)
