@@ -122,7 +122,13 @@ def test_paired_fitness_difference_interval_reflects_window_noise():
     a = _score((base_nll + 0.02 * 64 + noise).tolist(), tokens, base_ppl, 400)
     b = _score(base_nll.tolist(), tokens, base_ppl, 500)
     diff, lo, hi = paired_fitness_difference(a, b, base, "packed")
-    assert lo < diff < hi and 0.01 < hi - lo < 0.5
+    # b is the baseline itself, so (paired) diff = const - 10 * expm1(mean per-token shift of a): by the delta
+    # method its standard error is 10 * exp(shift) * sd(window shifts) / sqrt(40). A bootstrap that resampled the
+    # baseline apart from the plans widens the interval by ~75% and moves its centre by ~1.5 standard errors.
+    shift = noise / 64  # [40] per-token shift of each window, minus the common 0.02
+    se = 10 * math.exp(0.02 + float(shift.mean())) * float(shift.std(unbiased=False)) / math.sqrt(40)
+    assert hi - lo == pytest.approx(2 * 1.959964 * se, rel=0.15)
+    assert abs((lo + hi) / 2 - diff) < 0.25 * se
     # the interval is the bootstrap's: a second seed moves its ends by little, never the point
     d2, lo2, hi2 = paired_fitness_difference(a, b, base, "packed", seed=1)
     assert d2 == diff and abs(lo2 - lo) < 0.05 and abs(hi2 - hi) < 0.05
