@@ -6,9 +6,13 @@ The flow of a search (each step a module that returns values to this one; none c
     EvalSession(cfg)                              model, units, token ids, evaluators, baseline
     SearchSpace.from_menu(units, menu)            one categorical parameter per searchable unit
     Objective(space, score on the search split)   plan -> score -> trial values, record, constraint
-    open_study(...) / optimize(...)               storage, identity, enqueued plans, n_trials in total
+    open_study(...)                               storage, identity, enqueued reference plans
+    run_phases(...)                               sensitivity table, allocator plans, sampler, refine (warm start);
+                                                  n_trials in total
     candidates(trials) / verify(score on report)  Pareto set or top-k, re-scored on the held-out split
     write_reports(...)                            results.json, pareto.csv, best_plan.yaml, pareto.png
+
+README "How a search is built" draws the whole package.
 """
 
 from __future__ import annotations
