@@ -133,6 +133,9 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
     session = EvalSession(cfg)
+    # data errors (no such split, too few tokens, a binary file) before a study or a failed trial is stored
+    for split in dict.fromkeys((cfg.eval.search_split, cfg.eval.report_split)):
+        session.evaluator(split)
     space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
     enqueue = reference_plans(list(search.enqueue), space, session.table, cfg.precision.name)
     objective = Objective(

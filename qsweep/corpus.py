@@ -7,7 +7,9 @@ Documents are (1) the docstrings of modules, classes and functions in the standa
 Each document goes to a split by a hash of its own text (90% train, 5% validation, 5% test), so the splits never
 overlap and a document stays in its split as long as its text is unchanged, whatever else changes between Python
 versions. A split's text is its documents joined by blank lines, in source order. The text is built from the
-running Python at use time (and cached under the data cache directory), never copied into the repository.
+running Python at use time (and cached under the data cache directory), never copied into the repository. A cache
+file that cannot be read (truncated, corrupt) is deleted and rebuilt with a warning naming it; a cache directory
+that cannot be written is a one-line error naming ``data.cache_dir``.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
 from pathlib import Path
 
+from qsweep.errors import first_line
+
 __all__ = [
     "BUILDER_VERSION",
     "SPLITS",
+    "CacheError",
     "build_splits",
     "bundled_split_text",
     "corpus_documents",
@@ -30,6 +36,7 @@ __all__ = [
     "split_of",
 ]
 
+log = logging.getLogger(__name__)
 BUILDER_VERSION = 1
 MIN_CHARS = 40
 SPLITS = ("train", "validation", "test")
@@ -101,16 +108,50 @@ def build_splits() -> dict[str, str]:
     return {s: "\n\n".join(docs) for s, docs in split_documents().items()}
 
 
+class CacheError(OSError):
+    """The cache file cannot be written or deleted; the message names it and what to do (qsweep.data reports it as
+    a user error naming ``data.cache_dir``)."""
+
+
+def _read_cache(path: Path) -> dict[str, str] | None:
+    """The cached splits, or None after deleting a cache file that is unreadable (truncated, corrupt, foreign)."""
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(splits, dict) and all(isinstance(splits.get(s), str) for s in SPLITS):
+            return splits
+        problem = f"it does not hold the splits {', '.join(SPLITS)}"
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON or not UTF-8
+        problem = first_line(e)
+    log.warning(
+        "corpus cache %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", path, problem
+    )
+    try:
+        path.unlink()
+    except OSError as e:
+        raise CacheError(
+            f"the corpus cache {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
+            f"delete it by hand or set data.cache_dir to another directory"
+        ) from None
+    return None
+
+
 def bundled_split_text(split: str, cache_dir: str | Path = "~/.cache/qsweep") -> str:
     """The text of one split of the bundled corpus (built once per Python install, then read from the cache)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r} of the bundled corpus; valid: {', '.join(SPLITS)}")
     path = _cache_file(cache_dir)
-    if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))[split]
+    splits = _read_cache(path) if path.is_file() else None
+    if splits is not None:
+        return splits[split]
     splits = build_splits()
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(splits), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(splits), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
+    except OSError as e:
+        raise CacheError(
+            f"cannot write the corpus cache {str(path)!r} ({first_line(e)}); set data.cache_dir (or QSWEEP_CACHE) "
+            f"to a writable directory"
+        ) from None
     return splits[split]

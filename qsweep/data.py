@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qsweep.errors import QsweepError, first_line
+from qsweep.errors import QsweepError, did_you_mean, first_line
 
 __all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
 
@@ -98,9 +98,17 @@ def corpus_text(cfg: Mapping, split: str) -> str:
     if source == "hf":
         return _hf_text(cfg, split)
     if source == "bundled":
-        from qsweep.corpus import bundled_split_text
+        from qsweep.corpus import SPLITS, CacheError, bundled_split_text
 
-        return bundled_split_text(split, cfg.get("cache_dir") or "~/.cache/qsweep")
+        if split not in SPLITS:
+            raise DataLoadError(
+                f"unknown split {split!r} of the bundled corpus{did_you_mean(split, SPLITS, n=1)}; valid: "
+                f"{', '.join(SPLITS)} (eval.search_split, eval.report_split, split)"
+            )
+        try:
+            return bundled_split_text(split, cfg.get("cache_dir") or "~/.cache/qsweep")
+        except CacheError as e:
+            raise DataLoadError(str(e)) from None
     if source == "text":
         raise DataLoadError("data.source=text needs data.path=FILE (or a directory of <split>.txt files)")
     raise DataLoadError(f"unknown data.source {source!r}; valid: {', '.join(SOURCES)}")

@@ -7,6 +7,8 @@ Three backends (conf/storage/), picked by the shape of ``storage.url``:
   the same file is refused with one line naming the journal and postgres storages.
 * a file path (``storage=journal``): Optuna's JournalStorage on a file, several processes on one host, no server.
   Optuna gives journals no heartbeats; :class:`HeartbeatJournalStorage` adds them (a trial system attribute).
+  An existing file that is not a journal (an SQLite database named without ``sqlite:///``, any other file) is
+  refused untouched: the journal would append its records to it.
 * ``postgresql://...`` (``storage=postgres``): many workers on many machines.
 
 Every storage has a :class:`StudyLock` (:func:`lock_of`): a PostgreSQL advisory lock, a ``flock`` on a file next
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import sqlite3
 import threading
@@ -304,10 +307,35 @@ def _open_journal(path: str, beat: dict) -> HeartbeatJournalStorage:
             f"storage.url={path!r} is a directory; a journal storage is a file (e.g. study.journal)"
         )
     file.parent.mkdir(parents=True, exist_ok=True)
+    lock = _file_lock(file.with_name(file.name + ".qsweep-lock"))
+    with lock:  # a worker creating the journal writes its first record under this lock (open_study)
+        _check_journal_file(file)
     storage = HeartbeatJournalStorage(JournalFileBackend(str(file)), beat.get("heartbeat_interval"),
                                       beat.get("grace_period"), _retry_callback() if beat else None)  # fmt: skip
-    _LOCKS[storage] = _file_lock(file.with_name(file.name + ".qsweep-lock"))
+    _LOCKS[storage] = lock
     return storage
+
+
+def _check_journal_file(file: Path) -> None:
+    """Refuse an existing, non-empty file whose first line is not an Optuna journal record."""
+    if not file.is_file() or file.stat().st_size == 0:
+        return
+    with file.open("rb") as f:
+        head = f.readline(1 << 20)
+    if head.startswith(b"SQLite format 3\0"):
+        raise ConfigError(
+            f"storage.url={str(file)!r} is an SQLite database, not a journal file: for an SQLite study write "
+            f"storage.url=sqlite:///{file}"
+        )
+    try:
+        record = json.loads(head) if head.endswith(b"\n") else None
+    except ValueError:  # malformed JSON, or not UTF-8
+        record = None
+    if not (isinstance(record, dict) and "op_code" in record):
+        raise ConfigError(
+            f"storage.url={str(file)!r} exists and is not an Optuna journal file (the journal would append to "
+            f"it; the file is left untouched): point storage.url at a new file or an existing journal"
+        )
 
 
 def _password(url: str) -> str | None:

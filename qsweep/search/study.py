@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from qsweep import interrupts
-from qsweep.errors import ConfigError
+from qsweep.errors import ConfigError, QsweepError
 from qsweep.plan import Plan, PlanError, named_plan_spec, plan_from_config
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import is_done
@@ -67,9 +67,12 @@ def study_identity(cfg: DictConfig, search: SearchConfig, context: int) -> dict[
     m, d, e = cfg.model, cfg.data, cfg.eval
     bundled = str(m.get("path") or "").startswith(str(Path(__file__).resolve().parents[1]))
     menu = json.dumps(OmegaConf.to_container(cfg.precision.menu, resolve=True), sort_keys=True)
+    corpus = d.get("path") or d.get("dataset") or d.source
+    if not d.get("path") and d.get("dataset"):  # a hub dataset: which subset, and how its rows become text
+        corpus = f"{d.dataset}/{d.get('subset')} text_field={d.get('text_field')} joiner={d.get('joiner')!r}"
     return {
         "model": f"{m.name if bundled or not m.get('path') else m.path} ({m.granularity})",
-        "data": f"{d.name} ({d.get('path') or d.get('dataset') or d.source})",
+        "data": f"{d.name} ({corpus})",
         "protocol": f"context={context} stride={e.stride or context} max_tokens={e.max_tokens} "
         f"split={e.search_split} dtype={e.dtype}",
         "menu": f"{cfg.precision.name} ({hashlib.sha256(menu.encode()).hexdigest()[:12]})",
@@ -183,14 +186,15 @@ def count_done(study: optuna.Study) -> int:
 
 class _QuietInterrupt(logging.Filter):
     """Optuna logs an interrupted trial with its traceback, then "failed with value None"; the app says one line
-    instead. Attached to the logger that emits them, so no handler (Optuna's, Hydra's) sees them."""
+    instead. So for a user error (QsweepError) raised in a trial: the CLI prints it as one ``qsweep: error:`` line.
+    Attached to the logger that emits them, so no handler (Optuna's, Hydra's) sees them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.interrupted = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[0] is KeyboardInterrupt:
+        if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, QsweepError)):
             self.interrupted = True
             return False
         return not (self.interrupted and "failed with value None" in record.getMessage())
