@@ -14,7 +14,7 @@ import warnings
 
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, _corpus_docs
 from hydra import compose, initialize_config_dir
 
 import qsweep.corpus as corpus
@@ -35,6 +35,29 @@ def compose_cfg(*overrides, tmp_path):
     register_configs()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return compose("config", overrides=[*FAST, f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def _small_splits() -> dict[str, str]:
+    docs = _corpus_docs()
+    return {
+        "train": "\n\n".join(docs[:3]),
+        "validation": "\n\n".join(docs[40:43]),
+        "test": "\n\n".join(docs[43:46]),
+    }
+
+
+@pytest.fixture
+def small_corpus(monkeypatch) -> list:
+    """The bundled corpus builder replaced by one of a few pydoc topics (the real one reads the whole stdlib, ~10 s
+    per fresh data.cache_dir); returns the list of its calls."""
+    calls = []
+
+    def build():
+        calls.append(1)
+        return _small_splits()
+
+    monkeypatch.setattr(corpus, "build_splits", build)
+    return calls
 
 
 # --------------------------------------------------------------------------------------------------- identity
@@ -87,16 +110,22 @@ def test_a_resume_that_changes_one_identity_key_is_refused_naming_it(tmp_path, k
 
 
 def test_heartbeats_are_on_by_default_for_sqlite_and_print_no_warnings(tmp_path, capfd):
-    cfg = compose_cfg("+search=random", "search.n_trials=2", tmp_path=tmp_path)
+    """The storage a default study opens (what run_search does with cfg.storage) beats, silently."""
+    cfg = compose_cfg("+search=random", tmp_path=tmp_path)
     assert cfg.storage.url is None and cfg.storage.heartbeat_interval == 10  # storage=sqlite, the default
-    out = tmp_path / "run"
-    out.mkdir()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        run_search(cfg, out)
-    assert [w for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)] == []
+        storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
+        study = open_study(storage=storage, url=url, name="s", sampler=optuna.samplers.RandomSampler(seed=0),
+                           directions=["minimize"], metric_names=["v"], identity={"k": "v"}, enqueue={})  # fmt: skip
+        optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=2, progress=False)
+    assert [
+        str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)
+    ] == []
     assert "Warning" not in capfd.readouterr().err
-    with sqlite3.connect(out / "study.db") as con:  # each trial beat while it ran
+    assert storage.get_heartbeat_interval() == 10
+    with sqlite3.connect(tmp_path / "study.db") as con:  # each trial beat while it ran
         beats = con.execute("SELECT COUNT(DISTINCT trial_id) FROM trial_heartbeats").fetchone()[0]
     assert beats == 2
 
@@ -141,7 +170,9 @@ def test_an_existing_journal_is_reopened(tmp_path):
     (["eval.search_split=valid"], DataLoadError, r"unknown split 'valid' of the bundled corpus \(did you mean"),
     (["eval.report_split=tset"], DataLoadError, r"unknown split 'tset' of the bundled corpus"),
 ])  # fmt: skip
-def test_data_errors_of_a_search_come_before_its_study(tmp_path, caplog, overrides, error, message):
+def test_data_errors_of_a_search_come_before_its_study(
+    tmp_path, caplog, small_corpus, overrides, error, message
+):
     (tmp_path / "five.txt").write_text("the cat sat")
     (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
     paths = {"five": tmp_path / "five.txt", "binary": tmp_path / "binary.txt"}
@@ -170,20 +201,6 @@ def test_a_user_error_inside_a_trial_is_not_logged_with_a_traceback(caplog):
 # ------------------------------------------------------------------------------- the bundled corpus's cache
 
 
-@pytest.fixture
-def small_corpus(monkeypatch):
-    """The bundled corpus builder replaced by a tiny one (building the real one reads the whole stdlib)."""
-    splits = {"train": "train text", "validation": "validation text", "test": "test text"}
-    calls = []
-
-    def build():
-        calls.append(1)
-        return dict(splits)
-
-    monkeypatch.setattr(corpus, "build_splits", build)
-    return calls
-
-
 @pytest.mark.parametrize("damage", [
     lambda f: f.write_bytes(f.read_bytes()[:10]),  # truncated JSON
     lambda f: f.write_bytes(b"\xff\xfe\x00junk"),  # not UTF-8
@@ -193,15 +210,15 @@ def small_corpus(monkeypatch):
 def test_an_unreadable_corpus_cache_is_rebuilt_with_a_warning_naming_it(
     tmp_path, small_corpus, caplog, damage
 ):
-    assert corpus.bundled_split_text("test", tmp_path) == "test text"
+    assert corpus.bundled_split_text("test", tmp_path) == _small_splits()["test"]
     (cache,) = (tmp_path / "corpus").glob("*.json")
     damage(cache)
     with caplog.at_level(logging.WARNING, logger="qsweep.corpus"):
-        assert corpus.bundled_split_text("validation", tmp_path) == "validation text"
+        assert corpus.bundled_split_text("validation", tmp_path) == _small_splits()["validation"]
     assert (
         f"corpus cache {cache} is unreadable" in caplog.text and "deleting and rebuilding it" in caplog.text
     )
-    assert json.loads(cache.read_text())["train"] == "train text" and len(small_corpus) == 2
+    assert json.loads(cache.read_text()) == _small_splits() and len(small_corpus) == 2
 
 
 def test_an_unwritable_corpus_cache_names_the_key(tmp_path, small_corpus):
