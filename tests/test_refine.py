@@ -8,7 +8,7 @@ import math
 import pytest
 
 from qsweep.plan import Plan
-from qsweep.search.refine import Measured, calibration, propose
+from qsweep.search.refine import POWER_RANGE, Calibration, Measured, calibration, propose
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
 from qsweep.search.space import SearchSpace
 
@@ -53,9 +53,23 @@ def fitness(plan: Plan, delta: float) -> float:
 def test_calibration_recovers_a_uniform_underprediction():
     plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=4)][1:20]
     measured = [Measured(p, 1.25 * pred(p), size(p)) for p in plans]
-    assert calibration(measured, table()) == pytest.approx(1.25)
-    assert calibration(measured[:2], table()) == 1.0  # too few plans: trust the table
-    assert calibration([Measured(p, 100 * pred(p), size(p)) for p in plans], table()) == 8.0  # clamped
+    g = calibration(measured, table())
+    assert (g.scale, g.power) == pytest.approx((1.25, 1.0))
+    assert calibration(measured[:2], table()) == Calibration()  # too few plans: trust the table
+
+
+def test_calibration_recovers_a_superadditive_power_law_and_is_local():
+    # low-bit plans interact: measured = 3 * pred ** 1.5, so a 1-unit change costs more on a degraded plan
+    plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=4)][1:40]
+    g = calibration([Measured(p, 3 * pred(p) ** 1.5, size(p)) for p in plans], table())
+    assert (g.scale, g.power) == pytest.approx((3.0, 1.5))
+    assert g(0.2) - g(0.1) == pytest.approx(3 * (0.2**1.5 - 0.1**1.5))
+    assert float(g(-0.04)) == pytest.approx(-3 * 0.04**1.5)  # odd extension: a table may say a format helps
+    # a through-zero slope fitted to the same points would over-predict the change near a mild plan 2x or more
+    slope = sum(pred(p) * 3 * pred(p) ** 1.5 for p in plans) / sum(pred(p) ** 2 for p in plans)
+    assert slope * 0.01 > 2 * (g(0.02) - g(0.01))
+    wild = calibration([Measured(p, pred(p) ** 6, size(p)) for p in plans], table())
+    assert wild.power == POWER_RANGE[1]  # clamped
 
 
 def test_the_proposal_is_the_best_predicted_one_or_two_unit_move_from_the_incumbent():

@@ -1,7 +1,7 @@
 """How much a new plan would add to a measured front: exclusive hypervolume gain, vectorised over candidates.
 
 A plan is the point ``(size ratio, perplexity ratio)`` to the baseline, both minimised (as in
-:mod:`qsweep.bench.hypervolume`, whose box the default ``search.hv_box`` matches). The front's dominated region
+:mod:`qsweep.bench.hypervolume`, whose reference point the default ``search.front_box`` matches). The front's dominated region
 inside the box below ``box`` is a staircase; a candidate ``(x, y)`` dominates ``[x, box_x] x [y, box_y]``, and its
 gain is the part of that rectangle the staircase does not cover yet. The multi-objective refine step
 (:mod:`qsweep.search.refine`) ranks its moves by this gain, so it fills the front's gaps instead of climbing one

@@ -94,8 +94,8 @@ def _measured(trials, metric: str) -> list[Measured]:
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
             search: SearchConfig, budget: int) -> None:  # fmt: skip
     """Measured local search (qsweep.search.refine) until ``budget`` trials are done. A multi-objective study
-    alternates its criterion: best fitness, then the front's hypervolume in ``search.front_box`` (local moves from
-    the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
+    cycles its criterion: best fitness, then twice the front's hypervolume in ``search.front_box`` (local moves
+    from the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
     nothing to propose, the other is used."""
     metric = search.size_metric
     sizes = table.unit_sizes(metric)
@@ -110,9 +110,12 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
             for t in study.get_trials(deepcopy=False)
         )
         measured = _measured(study.get_trials(deepcopy=False), metric)
-        criteria = ["fitness", "hypervolume"] if objective.kind == "multi" else ["fitness"]
+        # one turn in three by fitness, two by hypervolume: the best plan stops improving long before the front fills
+        criteria = ["fitness"]
+        if objective.kind == "multi":
+            criteria = ["fitness", "hypervolume"] if k % 3 == 0 else ["hypervolume", "fitness"]
         props = []
-        for criterion in criteria[k % len(criteria) :] + criteria[: k % len(criteria)]:
+        for criterion in criteria:
             props = propose(measured, table, space, sizes, baseline_bytes=session.baseline_size_bytes,
                             penalty=session.penalty, criterion=criterion, box=search.front_box,
                             jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
