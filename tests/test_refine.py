@@ -118,6 +118,8 @@ def test_hypervolume_gain_equals_the_difference_of_hypervolumes():
     for _ in range(20):
         front = [tuple(p) for p in rng.uniform([0.1, 1.0], [0.6, 1.3], size=(rng.integers(0, 8), 2))]
         cand = rng.uniform([0.1, 1.0], [0.6, 1.3], size=(50, 2))
+        for i, (fx, fy) in enumerate(front):  # ties: on a step's size, on a step's height, on a step
+            cand[i, 0], cand[10 + i, 1], cand[20 + i] = fx, fy, (fx, fy)
         got = hypervolume_gain(front, cand[:, 0], cand[:, 1], box)
         want = [hypervolume([*front, tuple(c)], box) - hypervolume(front, box) for c in cand]
         assert got == pytest.approx(want, abs=1e-12)

@@ -32,18 +32,32 @@ def hypervolume_gain(
     front: Sequence[Sequence[float]], x: np.ndarray, y: np.ndarray, box: Sequence[float]
 ) -> np.ndarray:
     """The hypervolume that adding each point ``(x[i], y[i])`` (any shape, broadcast together) adds to ``front``
-    inside ``box``; 0 for a point the front dominates or one outside the box."""
+    inside ``box``; 0 for a point the front dominates or one outside the box.
+
+    The front's covered height ``h(t)`` is a staircase decreasing along the size axis, so a candidate gains
+    ``integral of (h(t) - y)`` from ``t = x`` to where ``h`` first drops to ``y`` or below: two binary searches
+    and a cumulative sum per candidate, O(log k) for a front of k points."""
     steps = staircase(front, box)
     x, y = np.broadcast_arrays(np.asarray(x, float), np.asarray(y, float))
     bx, by = float(box[0]), float(box[1])
-    # segments [a_j, b_j) of the size axis with the front's covered height h_j above which it dominates
-    a = np.concatenate([[-np.inf], steps[:, 0]])
-    b = np.concatenate([steps[:, 0], [bx]])
-    h = np.concatenate([[by], steps[:, 1]])
-    gain = np.zeros(x.shape)
-    with np.errstate(invalid="ignore"):  # an infinite candidate (a failed plan's prediction) gains nothing
-        for aj, bj, hj in zip(a, b, h, strict=True):
-            width = np.clip(np.minimum(bj, bx) - np.maximum(aj, x), 0.0, None)
-            height = np.clip(min(hj, by) - y, 0.0, None)
-            gain += np.nan_to_num(width * height, nan=0.0, posinf=0.0)
-    return gain
+    xs, ys = steps[:, 0], steps[:, 1]  # x increasing, y decreasing, all inside the box
+    heights = np.concatenate([[by], ys])  # h(t) on [-inf, xs[0]), [xs[0], xs[1]), ..., [xs[-1], bx)
+    edges = np.concatenate([xs, [bx]])
+    # area(t) = integral of h from xs[0] (or bx for an empty front) to t, exact on every segment
+    origin = edges[0]
+    cum = np.concatenate([[0.0], np.cumsum(ys * np.diff(edges))])  # area at each edge
+    ok = (x < bx) & (y < by) & np.isfinite(x) & np.isfinite(y)
+    xc, yc = np.where(ok, x, bx), np.where(ok, y, by)
+
+    def area(t: np.ndarray) -> np.ndarray:
+        j = np.searchsorted(xs, t, side="right")  # segment index: heights[j] holds on [edges[j-1], edges[j])
+        start = np.where(j == 0, origin, edges[np.maximum(j - 1, 0)])
+        return np.where(j == 0, 0.0, cum[np.maximum(j - 1, 0)]) + heights[j] * (t - start)
+
+    # the first step at or below y: the region above y ends there (or at the box's edge)
+    first_low = np.searchsorted(-ys, -yc, side="left")  # number of steps with ys > y
+    upper = np.full(xc.shape, bx)
+    if len(xs):
+        upper = np.where(first_low < len(xs), xs[np.minimum(first_low, len(xs) - 1)], bx)
+    gain = area(upper) - area(np.minimum(xc, upper)) - yc * np.clip(upper - xc, 0.0, None)
+    return np.where(ok & (upper > xc), np.clip(gain, 0.0, None), 0.0)

@@ -151,11 +151,23 @@ def propose(
     found: list[Proposal] = []
     for inc in incumbents:
         found += _neighbours(inc, table, space, sizes, g, value, fitness, n, seen)
-    for plan in jumps:
-        if plan.digest() in seen:
-            continue
+    fresh: dict[str, Plan] = {}
+    for p in jumps:
+        if p.digest() not in seen:
+            fresh.setdefault(p.digest(), p)
+    jumps = list(fresh.values())
+    if jumps:  # each jump's anchor: the first measured plan that differs from it in fewest units
+        codes = {u: {f: i for i, f in enumerate(space.choices[u])} for u in space.searchable}
+
+        def encode(plans: Sequence[Plan]) -> np.ndarray:
+            return np.array([[codes[u].get(p[u], -1) for u in space.searchable] for p in plans]).reshape(
+                len(plans), len(space.searchable)
+            )
+
+        nearest = (encode(jumps)[:, None, :] != encode([m.plan for m in ok])[None, :, :]).sum(-1).argmin(1)
+    for plan, a in zip(jumps, nearest if jumps else (), strict=True):
         seen.add(plan.digest())
-        anchor = min(ok, key=lambda m: sum(m.plan[u] != plan[u] for u in space.searchable))
+        anchor = ok[int(a)]
         d = anchor.delta_nll + float(
             g(predicted_delta_nll(table, plan)) - g(predicted_delta_nll(table, anchor.plan))
         )
