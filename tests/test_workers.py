@@ -271,13 +271,18 @@ def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trial
     assert "Traceback" not in out and PASSWORD not in out
     study = optuna.load_study(study_name="four", storage=storage)
     trials = study.get_trials(deepcopy=False)
-    assert states(study) == {"COMPLETE": 40, "FAIL": 1}
-    assert trials[killed_trial].state == TrialState.FAIL
     retry = [t for t in trials if t.system_attrs.get("failed_trial") == killed_trial]
-    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
-    assert retry[0].params == trials[killed_trial].params and not retry[0].system_attrs[WORKER_ATTR].endswith(
-        victim
-    )
+    if trials[killed_trial].state == TrialState.COMPLETE:
+        # the kill landed in the moment between the poll that saw the trial running and SIGKILL, after the
+        # worker recorded it (seen once in CI): nothing to retry, and the study must still end exactly at 40
+        assert states(study) == {"COMPLETE": 40} and not retry
+    else:
+        assert states(study) == {"COMPLETE": 40, "FAIL": 1}
+        assert trials[killed_trial].state == TrialState.FAIL
+        assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+        assert retry[0].params == trials[killed_trial].params and not retry[0].system_attrs[
+            WORKER_ATTR
+        ].endswith(victim)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     labels = [t.user_attrs["enqueued_as"] for t in complete if "enqueued_as" in t.user_attrs]
     assert sorted(labels) == sorted(UNIFORM)  # every enqueued plan evaluated once
