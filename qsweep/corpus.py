@@ -32,6 +32,7 @@ __all__ = [
     "build_splits",
     "bundled_split_text",
     "corpus_documents",
+    "discard_unreadable_cache",
     "split_documents",
     "split_of",
 ]
@@ -122,17 +123,21 @@ def _read_cache(path: Path) -> dict[str, str] | None:
         problem = f"it does not hold the splits {', '.join(SPLITS)}"
     except (OSError, ValueError) as e:  # ValueError: malformed JSON or not UTF-8
         problem = first_line(e)
-    log.warning(
-        "corpus cache %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", path, problem
-    )
+    discard_unreadable_cache(path, "corpus cache", problem, CacheError)
+    return None
+
+
+def discard_unreadable_cache(path: Path, kind: str, problem: str, error: type[Exception]) -> None:
+    """Delete an unreadable cache file (``kind``, e.g. "token cache") so it is rebuilt, with a warning naming it;
+    ``error`` (a user error) if it cannot be deleted. Shared by the corpus and token caches."""
+    log.warning("%s %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", kind, path, problem)
     try:
         path.unlink()
     except OSError as e:
-        raise CacheError(
-            f"the corpus cache {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
+        raise error(
+            f"the {kind} {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
             f"delete it by hand or set data.cache_dir to another directory"
         ) from None
-    return None
 
 
 def bundled_split_text(split: str, cache_dir: str | Path = "~/.cache/qsweep") -> str:

@@ -24,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qsweep.corpus import discard_unreadable_cache
 from qsweep.errors import QsweepError, did_you_mean, first_line
 
 __all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
@@ -174,14 +175,5 @@ def _read_cache(path: Path) -> torch.Tensor | None:
         problem = "it holds no 1-D int64 tensor 'ids'"
     except (SafetensorError, OSError) as e:
         problem = first_line(e)
-    log.warning(
-        "token cache %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", path, problem
-    )
-    try:
-        path.unlink()
-    except OSError as e:
-        raise DataLoadError(
-            f"the token cache {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
-            f"delete it by hand or set data.cache_dir to another directory"
-        ) from None
+    discard_unreadable_cache(path, "token cache", problem, DataLoadError)
     return None
