@@ -14,6 +14,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
+def compose_config(*overrides, tmp_path):
+    """The real config (conf/), composed as ``python -m qsweep`` would with ``overrides``; caches under tmp_path."""
+    from hydra import compose, initialize_config_dir
+
+    from qsweep.config import register_configs
+    from qsweep.paths import config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose("config", overrides=[f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+
+
 def model_cfg(name: str, **overrides) -> dict:
     cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
     cfg.update(overrides)

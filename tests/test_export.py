@@ -313,3 +313,74 @@ def test_cli_refuses_a_plan_the_target_cannot_store(tmp_path, tiny_dirs):
         "qsweep: error: export target gguf cannot store unit 'wte' as int8; gguf accepts: q8_0, q4_0, q4_1, q5_0, "
         "q5_1, fp32, fp16, bf16"
     )
+
+
+# -- llama.cpp in a child process, loaded the same way on every x86 CPU (issue 24) --------------------------------
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+
+
+@needs_llama
+@pytest.mark.skipif(not _cpu_has_amx(), reason="this CPU has no AMX (no amx_int8 in /proc/cpuinfo): llama.cpp's AMX "
+                    "kernel, which segfaults on batches of 2+ tokens, cannot run here")  # fmt: skip
+@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+def test_llama_cpp_runs_quantized_batches_on_an_amx_cpu(bundled, bundled_ids, tmp_path, name):
+    """On AMX, with the extra buffer types on, this crashed (SIGSEGV in ggml_backend_amx_mul_mat)."""
+    model, tok, table = bundled
+    plan = Plan.uniform(table, name)
+    path = write_gguf(model, tok, table, plan, tmp_path / f"{name}.gguf").path
+    runtime = gguf_perplexity(path, bundled_ids[:512], 256, 256, threads=2)
+    simulated = Evaluator(bundled_ids[:512], 256, 256, device="cpu").evaluate(apply_plan_(model, plan, table))
+    apply_plan_(model, Plan.uniform(table, "fp32"), table)
+    assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=2e-3)
+
+
+@needs_llama
+def test_the_runtime_check_loads_no_repacked_or_amx_weights(bundled, tmp_path):
+    """llama_child loads with ``use_extra_bufts = False``: llama.cpp's load log names no CPU_REPACK or AMX buffer
+    (with them on, an x86 CPU with AVX2 repacks Q4_0 into a CPU_REPACK buffer; one with AMX uses an AMX one)."""
+    import subprocess
+    import sys
+
+    model, tok, table = bundled
+    path = write_gguf(model, tok, table, Plan.uniform(table, "q4_0"), tmp_path / "q4_0.gguf").path
+    request = {"model": str(path), "ids": list(range(1, 9)), "windows": [[0, 8, 7]], "context": 8, "threads": 1,
+               "verbose": True}  # fmt: skip
+    (tmp_path / "req.json").write_text(json.dumps(request))
+    child = ROOT / "qsweep" / "export" / "llama_child.py"
+    proc = subprocess.run([sys.executable, str(child), str(tmp_path / "req.json"), str(tmp_path / "res.json")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    buffers = [line for line in proc.stderr.splitlines() if "model buffer size" in line]
+    assert buffers and not [b for b in buffers if "REPACK" in b or "AMX" in b], buffers
+    assert len(json.loads((tmp_path / "res.json").read_text())["window_nll"]) == 1
+
+
+@needs_llama
+def test_a_crashing_runtime_is_one_line_and_the_export_is_kept(tiny_dirs, tmp_path, monkeypatch, caplog):
+    """A native crash in the runtime check (here: the child process kills itself with SIGSEGV as Python starts,
+    through a sitecustomize on its PYTHONPATH) ends the check, not the export: the file stays, export.json and the
+    returned record say why there is no runtime perplexity, in one line."""
+    from conftest import compose_config
+
+    from qsweep.export.cli import export_one
+
+    hook = tmp_path / "crash"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n")
+    cfg = compose_config(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=q8_0", "eval.max_tokens=200",
+                         f"export.path={tmp_path / 'out'}", tmp_path=tmp_path)  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", str(hook))  # the child's environment only: this process has started
+    row = export_one(cfg, tmp_path)
+    assert (
+        row["error"].startswith("llama.cpp crashed (SIGSEGV) evaluating 'model-") and "\n" not in row["error"]
+    )
+    assert row["runtime_perplexity"] is None and row["simulated_perplexity"] > 0
+    assert (tmp_path / "out" / f"model-{row['plan_digest']}.gguf").stat().st_size == row["file_bytes"]
+    assert json.loads((tmp_path / "export.json").read_text())["error"] == row["error"]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [row["error"]]

@@ -14,12 +14,10 @@ import warnings
 
 import optuna
 import pytest
-from conftest import ROOT, _corpus_docs
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, _corpus_docs, compose_config
 
 import qsweep.corpus as corpus
 from qsweep.app import run_search
-from qsweep.config import register_configs
 from qsweep.data import DataLoadError, corpus_text
 from qsweep.errors import ConfigError
 from qsweep.paths import config_dir
@@ -32,9 +30,7 @@ FAST = ["eval.max_tokens=1024", "eval.context=128", "precision=seed", "search.en
 
 
 def compose_cfg(*overrides, tmp_path):
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=[*FAST, f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    return compose_config(*FAST, *overrides, tmp_path=tmp_path)
 
 
 def _small_splits() -> dict[str, str]:

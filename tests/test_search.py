@@ -17,11 +17,9 @@ import time
 import optuna
 import pytest
 import yaml
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config
 
 from qsweep.app import run_search
-from qsweep.config import register_configs
 from qsweep.paths import config_dir
 from qsweep.plan import PlanError
 from qsweep.search.space import SearchSpace
@@ -34,9 +32,7 @@ UNIFORM = ["uniform:fp16", "uniform:int8", "uniform:int4"]
 
 
 def compose_cfg(*overrides, tmp_path):
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=[*FAST, f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+    return compose_config(*FAST, *overrides, tmp_path=tmp_path)
 
 
 def study_of(summary_or_url, name=None) -> optuna.Study:

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from qsweep.data import load_token_ids
 from qsweep.errors import ConfigError
 from qsweep.export.common import ExportError, verify_tensors
+from qsweep.export.runtime import RuntimeCheckFailed
 from qsweep.session import EvalSession
 
 __all__ = ["EXPORT_KEYS", "TARGETS", "export_one"]
@@ -70,6 +71,7 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
             session.model, session.tokenizer, session.table, plan, dest / f"model-{plan.digest()}.gguf"
         )
         exported = read_gguf(result.path).tensors
+        runtime_model = None  # llama.cpp loads the file itself
     else:
         from qsweep.export.compressed import read_compressed, write_compressed
 
@@ -108,23 +110,35 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
         "within_tolerance": None,
     }
     if ecfg.get("runtime", True):
-        if target == "gguf":
-            from qsweep.export.runtime import gguf_perplexity
-
-            stride = session.eval_cfg.get("stride") or session.context
-            res = gguf_perplexity(result.path, _split_ids(session, split), session.context, int(stride),
-                                  threads=ecfg.get("threads"), kv_f32=bool(ecfg.get("kv_f32", True)))  # fmt: skip
-            row["runtime"] = "llama-cpp-python"
-        else:
-            res = session.evaluator(split).evaluate(runtime_model.to(session.device))
-            row["runtime"] = "transformers+compressed-tensors"
-        if res.n_tokens != score.result.n_tokens:
-            raise ExportError(f"the runtime scored {res.n_tokens} tokens, qsweep {score.result.n_tokens}")
-        rel = res.perplexity / score.perplexity - 1 if res.ok and score.perplexity else None
-        row.update(runtime_perplexity=res.perplexity, runtime_relative_difference=rel)
-        if rel is not None and ecfg.get("tolerance") is not None:
-            row["within_tolerance"] = abs(rel) <= float(ecfg["tolerance"])
-        log.info("perplexity on %r: simulated %.4f, %s %s (%+.4f%%, tolerance %s)", split, score.perplexity,
-                 row["runtime"], res.perplexity, 100 * (rel or 0), ecfg.get("tolerance"))  # fmt: skip
+        try:
+            _measure_runtime(row, session, score, result, runtime_model, ecfg)
+        except (
+            RuntimeCheckFailed
+        ) as e:  # the export is written and verified: keep it, record why it is unmeasured
+            row["error"] = str(e)
+            log.error("%s", e)
     (out_dir / "export.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
+
+
+def _measure_runtime(row: dict, session: EvalSession, score, result, runtime_model, ecfg: dict) -> None:
+    """The real runtime's perplexity on the windows ``score`` was measured on, into ``row``."""
+    split = row["split"]
+    if runtime_model is None:
+        from qsweep.export.runtime import gguf_perplexity
+
+        stride = session.eval_cfg.get("stride") or session.context
+        res = gguf_perplexity(result.path, _split_ids(session, split), session.context, int(stride),
+                              threads=ecfg.get("threads"), kv_f32=bool(ecfg.get("kv_f32", True)))  # fmt: skip
+        row["runtime"] = "llama-cpp-python"
+    else:
+        res = session.evaluator(split).evaluate(runtime_model.to(session.device))
+        row["runtime"] = "transformers+compressed-tensors"
+    if res.n_tokens != score.result.n_tokens:
+        raise ExportError(f"the runtime scored {res.n_tokens} tokens, qsweep {score.result.n_tokens}")
+    rel = res.perplexity / score.perplexity - 1 if res.ok and score.perplexity else None
+    row.update(runtime_perplexity=res.perplexity, runtime_relative_difference=rel)
+    if rel is not None and ecfg.get("tolerance") is not None:
+        row["within_tolerance"] = abs(rel) <= float(ecfg["tolerance"])
+    log.info("perplexity on %r: simulated %.4f, %s %s (%+.4f%%, tolerance %s)", split, score.perplexity,
+             row["runtime"], res.perplexity, 100 * (rel or 0), ecfg.get("tolerance"))  # fmt: skip

@@ -1,7 +1,8 @@
 """Real runtimes measure an export on the same windows as qsweep's simulation.
 
 * GGUF: llama-cpp-python (llama.cpp built from its source distribution) evaluates each window of the same token ids
-  (no re-tokenisation), with every position's logits (``logits_all``); the NLL of the scored targets is taken
+  (no re-tokenisation), with every position's logits, in a child process (:mod:`qsweep.export.llama_child`, which
+  also says why the model is loaded without llama.cpp's extra buffer types: AMX); the NLL of the scored targets is taken
   from those logits in float64 with qsweep's window protocol (:func:`qsweep.evaluate.sliding_windows`), so the
   result is an :class:`~qsweep.evaluate.EvalResult` comparable window by window with qsweep's.
 * compressed-tensors: transformers loads the checkpoint (compressed-tensors decompresses it) and qsweep's own
@@ -16,20 +17,26 @@ tolerance qsweep states for the comparison is therefore empirical (README "Expor
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import time
+import signal
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qsweep.evaluate import EvalResult, sliding_windows
 from qsweep.export.common import ExportError
 
-__all__ = ["gguf_perplexity", "llama_cpp_missing"]
+__all__ = ["RuntimeCheckFailed", "gguf_perplexity", "llama_cpp_missing"]
 
-_GGML_TYPE_F32 = 0
+
+class RuntimeCheckFailed(ExportError):
+    """The real runtime crashed or failed on a file that was written and verified: the export stands, its check
+    has no result."""
 
 
 def llama_cpp_missing() -> str | None:
@@ -54,53 +61,53 @@ def gguf_perplexity(
 ) -> EvalResult:
     """Perplexity of the GGUF file ``path`` under llama.cpp on ``ids`` ``[N]`` with qsweep's sliding windows.
 
-    ``kv_f32`` keeps the KV cache in F32 (llama.cpp's default is F16)."""
+    llama.cpp runs in a child process (:mod:`qsweep.export.llama_child`): a crash of the native library raises
+    :class:`RuntimeCheckFailed` with one line, and the caller (an export, a test run) goes on. ``kv_f32`` keeps
+    the KV cache in F32 (llama.cpp's default is F16)."""
     missing = llama_cpp_missing()
     if missing:
         raise ExportError(missing)
-    import llama_cpp
-
     windows = sliding_windows(int(ids.numel()), context, stride)
-    ids = ids.reshape(-1).tolist()
-    kwargs = {"type_k": _GGML_TYPE_F32, "type_v": _GGML_TYPE_F32} if kv_f32 else {}
-    threads = threads or min(os.cpu_count() or 1, 8)
-    llm = _load(llama_cpp, str(path), context, threads, kwargs)
-    start = time.perf_counter()
-    window_nll = torch.zeros(len(windows), dtype=torch.float64)
-    try:
-        for i, w in enumerate(windows):
-            tokens = ids[w.begin : w.end]
-            llm.reset()
-            llm.eval(tokens)
-            n = len(tokens)
-            logits = np.asarray(llm.scores[: n - 1], dtype=np.float64)[
-                n - 1 - w.n_scored :
-            ]  # [n_scored, vocab]
-            targets = np.asarray(tokens[n - w.n_scored :])
-            top = logits.max(axis=1)
-            lse = top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
-            window_nll[i] = float((lse - logits[np.arange(len(targets)), targets]).sum())
-    finally:
-        llm.close()
+    threads = int(threads or min(os.cpu_count() or 1, 8))
+    request = {
+        "model": str(Path(path).resolve()),
+        "ids": ids.reshape(-1).tolist(),
+        "windows": [[w.begin, w.end, w.n_scored] for w in windows],
+        "context": int(context),
+        "threads": threads,
+        "kv_f32": bool(kv_f32),
+    }
+    out = _run_child(request, threads)
+    window_nll = torch.tensor(out["window_nll"], dtype=torch.float64)
     tokens = torch.tensor([w.n_scored for w in windows], dtype=torch.int64)
     total = float(window_nll.sum())
     error = None if math.isfinite(total) else "non-finite loss under llama.cpp"
-    return EvalResult(total, int(tokens.sum()), window_nll, tokens, time.perf_counter() - start, error)
+    return EvalResult(total, int(tokens.sum()), window_nll, tokens, float(out["seconds"]), error)
 
 
-def _load(llama_cpp, path: str, context: int, threads: int, kwargs: dict):
-    """A ``llama_cpp.Llama`` with logits for every position (the context is the window length)."""
-    try:
-        return llama_cpp.Llama(
-            model_path=path,
-            n_ctx=context,
-            n_batch=context,
-            n_ubatch=context,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=True,
-            verbose=False,
-            **kwargs,
+def _run_child(request: dict, threads: int) -> dict:
+    """Run :mod:`qsweep.export.llama_child` on ``request``; its result, or one-line RuntimeCheckFailed."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # llama.cpp's OpenMP pool: no oversubscription
+    with tempfile.TemporaryDirectory(prefix="qsweep-llama-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(request))
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("llama_child.py")), str(req), str(res)],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            errors="replace", check=False,
+        )  # fmt: skip
+        if proc.returncode == 0 and res.exists():
+            return json.loads(res.read_text())
+    model = Path(request["model"]).name  # records name no local path
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        raise RuntimeCheckFailed(
+            f"llama.cpp crashed ({name}) evaluating {model!r}; the runtime check has no result, the exported "
+            "file is kept (export.runtime=false skips the check)"
         )
-    except ValueError as e:  # llama-cpp-python's "Failed to load model from file"
-        raise ExportError(f"llama.cpp cannot load {path!r}: {e}") from None
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    why = lines[-1] if lines else f"exit status {proc.returncode}"
+    raise RuntimeCheckFailed(f"llama.cpp failed evaluating {model!r}: {why}")
