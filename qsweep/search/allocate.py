@@ -138,6 +138,11 @@ class _Problem:
         per_group = [self.sizes[self.group == g] for g in range(n_groups)]
         self.min_size = self.fixed_bytes + int(sum(s.min() for s in per_group))
         self.max_size = self.fixed_bytes + int(sum(s.max() for s in per_group))
+        # HiGHS is given sizes in units of 2**k bytes (exact in floating point) so that the largest plan is at most
+        # about 1e7 units: sizes of 1e10 bytes (a 7B model) otherwise break its numerics (status 4). Small models
+        # keep bytes. Budgets are still checked in bytes (solve).
+        self.unit = float(2 ** max(0, math.ceil(math.log2(max(self.max_size, 1) / 1e7))))
+        self.scaled = self.sizes / self.unit
 
     def _milp(self, c: np.ndarray, extra: list[LinearConstraint]):
         cons = [LinearConstraint(self.onehot, 1, 1), *extra]
@@ -167,11 +172,11 @@ class _Problem:
         if not self.var:
             return self._allocation(np.zeros(0), budget)
         cap = budget - self.fixed_bytes
-        for _ in range(
-            4
-        ):  # the solver's integrality tolerance can overshoot by a few bytes: tighten and retry
+        # The solver's integrality tolerance lets a chosen x sit 1e-9 below 1, which on units of 1e8-1e9 bytes (a
+        # 7B model) overshoots the budget by a few bytes once rounded: tighten by the overshoot, doubling each try.
+        for attempt in range(40):
             c = self.cost * self.scale
-            fit = LinearConstraint(self.sizes[None, :], -np.inf, cap)
+            fit = LinearConstraint(self.scaled[None, :], -np.inf, cap / self.unit)
             res = self._milp(c, [fit])
             if res.status == 2:
                 return None
@@ -180,12 +185,12 @@ class _Problem:
             x = np.round(res.x)
             if smallest:
                 least = LinearConstraint(c[None, :], -np.inf, float(c @ x) + 1e-6)
-                second = self._milp(self.sizes, [fit, least])
+                second = self._milp(self.scaled, [fit, least])
                 x = np.round(second.x) if second.x is not None else x
-            over = int(self.sizes @ x) - cap
+            over = int(self.sizes @ x) - (budget - self.fixed_bytes)
             if over <= 0:
                 return self._allocation(x, budget)
-            cap -= over
+            cap -= over * 2**attempt
         raise RuntimeError("HiGHS kept returning allocations over the size budget")
 
 
