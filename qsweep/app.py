@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep import interrupts
+from qsweep.memory import ResourceError
 from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
@@ -70,7 +71,8 @@ def evaluate_one(cfg: DictConfig, out_dir: Path) -> dict:
         cfg.eval.stride or session.context, session.device,
     )  # fmt: skip
     score = session.score(plan, split)
-    row = {**score.record(), "plan": dict(plan.formats), "eval": cfg.eval.name, "data": cfg.data.name}
+    row = {**score.record(), "plan": dict(plan.formats), "eval": cfg.eval.name, "data": cfg.data.name,
+           "resources": session.resources()}  # fmt: skip
     (out_dir / "results.json").write_text(json.dumps(row, indent=2) + "\n")
     plan.save(out_dir / "plan.yaml")
     if score.result.ok:
@@ -150,7 +152,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                            None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
     url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
     storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
-    identity = study_identity(cfg, search, session.context)
+    identity = study_identity(cfg, search, session.context, session.dtype)
     log.info("study %r (%s, %s objective, %d trials, seed %d) on split %r; %d plans enqueued; search space: %d "
              "units x up to %d formats", name, search.sampler, search.objective, search.n_trials, search.seed,
              cfg.eval.search_split, len(enqueue), len(space.searchable),
@@ -182,6 +184,10 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
                         count_done(study), search.n_trials, resume_command(_task_overrides(), url, name))  # fmt: skip
             raise
+        except ResourceError as e:  # out of memory: one line, and the study resumes where it stopped
+            raise ResourceError(f"{e}; the study is stored ({count_done(study)} of {search.n_trials} trials "
+                                f"done): resume with {resume_command(_task_overrides(), url, name)} and the "
+                                f"lowered setting") from None  # fmt: skip
 
     trials = study.get_trials(deepcopy=False)
     chosen = candidates(trials, kind=search.objective, size_metric=search.size_metric, top_k=search.top_k,
@@ -233,6 +239,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
         "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
     }
+    summary["resources"] = session.resources()
     points = [
         {**t.user_attrs, "enqueued_as": t.user_attrs.get("enqueued_as", "")} for t in evaluated_trials(trials)
     ]
@@ -248,5 +255,13 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     log.info("inspect it: %s", dashboard)
     return {
         k: summary[k]
-        for k in ("study_name", "storage", "n_trials_done", "best", "best_plan", "best_vs_uniform")
+        for k in (
+            "study_name",
+            "storage",
+            "n_trials_done",
+            "best",
+            "best_plan",
+            "best_vs_uniform",
+            "resources",
+        )
     }

@@ -15,6 +15,7 @@ default) or bf16/fp16 autocast (GPU); ``compile`` wraps the base model in ``torc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -248,13 +249,68 @@ class Evaluator:
         """The token ids ``[B, T]`` of batch ``i``; :meth:`evaluate` runs the batches in index order."""
         return self._batches[i].inputs
 
-    def batch_nll(self, model: nn.Module, i: int) -> torch.Tensor:
-        """NLL ``[M]`` of batch ``i``'s scored tokens, eager and outside inference mode (autograd can follow it)."""
+    def batch_rows(self, i: int, max_tokens: int) -> list[tuple[int, int]]:
+        """Batch ``i``'s windows in row ranges ``[r0, r1)`` of at most ``max_tokens`` tokens (at least one row)."""
+        b, t = self._batches[i].inputs.shape
+        step = max(1, max_tokens // t)
+        return [(r, min(r + step, b)) for r in range(0, b, step)]
+
+    def batch_nll(
+        self, model: nn.Module, i: int, rows: tuple[int, int] | None = None, *, checkpoint: bool = False
+    ) -> torch.Tensor:
+        """NLL ``[M]`` of batch ``i``'s scored tokens (of its windows ``rows``, all by default), eager and outside
+        inference mode (autograd can follow it). ``checkpoint`` recomputes each decoder layer and each chunk of
+        logits in the backward pass instead of keeping their activations (same values, far less memory)."""
         b = self._batches[i]
+        inputs, positions, targets = b.inputs, b.positions, b.targets
+        if rows is not None and rows != (0, inputs.shape[0]):
+            per_row = inputs.shape[1] - 1
+            keep = (positions >= rows[0] * per_row) & (positions < rows[1] * per_row)
+            inputs, positions, targets = (
+                inputs[rows[0] : rows[1]],
+                positions[keep] - rows[0] * per_row,
+                targets[keep],
+            )
         fast = self.dtype != "fp32"
         with torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=fast):
             head = model.get_output_embeddings()
-            return _score_batch(model.base_model, head, b.inputs, b.positions, b.targets, self.logits_chunk)
+            if not checkpoint:
+                return _score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk)
+            with _checkpointed_layers(model):
+                return _score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
+                                    checkpoint=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _checkpointed_layers(model: nn.Module):
+    """Activation checkpointing of every decoder layer (transformers' GradientCheckpointingLayer) for one forward,
+    without switching the model to training mode: only the layers' own ``training`` flag is set (their dropout
+    children stay in eval mode, so the values are unchanged)."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # transformers without it: no checkpointing, more memory
+        yield
+        return
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    saved = [(m.training, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
+             for m in layers]  # fmt: skip
+    try:
+        for m in layers:
+            m.training, m.gradient_checkpointing = True, True
+            m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
+        yield
+    finally:
+        for m, (training, flag, func) in zip(layers, saved, strict=True):
+            m.training = training
+            for key, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
+                if value is None:
+                    m.__dict__.pop(key, None)
+                else:
+                    setattr(m, key, value)
 
 
 def _score_batch(
@@ -264,16 +320,28 @@ def _score_batch(
     positions: torch.Tensor,
     targets: torch.Tensor,
     chunk: int,
+    checkpoint: bool = False,
 ) -> torch.Tensor:
     """NLL of each scored token of a batch of windows: ``inputs`` [B, T] -> [M] (fp32).
 
     Only the hidden states of the M scored positions reach the lm_head, ``chunk`` rows at a time, so at most
-    [chunk, vocab] logits exist at once.
+    [chunk, vocab] logits exist at once (under autograd too with ``checkpoint``: each chunk's logits are
+    recomputed in the backward pass instead of kept).
     """
-    hidden = base(input_ids=inputs).last_hidden_state  # [B, T, d]
+    hidden = base(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, d]
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [M, d]
     out = []
     for k in range(0, hidden.shape[0], chunk):
-        logits = head(hidden[k : k + chunk]).float()  # [chunk, vocab]
-        out.append(F.cross_entropy(logits, targets[k : k + chunk], reduction="none"))
+        if checkpoint:
+            from torch.utils.checkpoint import checkpoint as recompute
+
+            out.append(recompute(_chunk_nll, head, hidden[k : k + chunk], targets[k : k + chunk],
+                                 use_reentrant=False))  # fmt: skip
+        else:
+            out.append(_chunk_nll(head, hidden[k : k + chunk], targets[k : k + chunk]))
     return torch.cat(out)
+
+
+def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()  # [chunk, vocab]
+    return F.cross_entropy(logits, targets, reduction="none")

@@ -31,6 +31,7 @@ from qsweep.units import UnitTable, discover_units
 __all__ = [
     "HUB_PROBE_TIMEOUT",
     "ModelLoadError",
+    "checkpoint_dtype",
     "hub_unreachable",
     "load_model",
     "load_model_config",
@@ -197,18 +198,47 @@ def meta_model(config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(cfg: Mapping, device: str | torch.device = "cpu") -> nn.Module:
-    """Load the weights in fp32 (the reference precision that plans are simulated from), in eval mode."""
+def checkpoint_dtype(config) -> torch.dtype:
+    """The dtype a checkpoint's config declares (``dtype`` / ``torch_dtype``); fp32 when it declares none."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return declared if isinstance(declared, torch.dtype) and declared.is_floating_point else torch.float32
+
+
+def _placement(device: torch.device, device_map, max_memory) -> dict:
+    """from_pretrained's placement: straight onto one GPU (no host copy of the weights), or ``device_map`` as
+    given (e.g. ``"auto"`` with ``max_memory``, across GPUs), or the host."""
+    if device_map is not None:
+        return {"device_map": device_map, **({"max_memory": max_memory} if max_memory else {})}
+    if device.type == "cuda":
+        import transformers
+        from transformers.utils import is_accelerate_available
+
+        if int(transformers.__version__.split(".")[0]) >= 5 or is_accelerate_available():
+            return {"device_map": {"": str(device)}}
+    return {}
+
+
+def load_model(
+    cfg: Mapping, device: str | torch.device = "cpu", *, dtype="auto", device_map=None, max_memory=None
+) -> nn.Module:
+    """Load the weights in eval mode, in the checkpoint's dtype (``dtype="auto"``; no fp32 copy of a bf16
+    checkpoint) or ``dtype``, straight onto ``device`` where transformers can place them there (safetensors are
+    memory-mapped, so the host holds no second copy); ``device_map`` (e.g. ``"auto"``) splits the model across
+    GPUs (``max_memory``: bytes per GPU index). Plans are simulated from these weights (qsweep.apply keeps them pristine)."""
     from safetensors import SafetensorError
 
+    device = torch.device(device)
     allow_pickle = bool(cfg.get("allow_pickle", False))
     local = _local_dir(cfg)
     if local is not None:
         _check_local_weights(Path(model_source(cfg)), allow_pickle)
     # use_safetensors=True: pickle weights are never read unless model.allow_pickle opts in (hub ids too)
     kwargs = {} if allow_pickle else {"use_safetensors": True}
+    kwargs.update(_placement(device, device_map, max_memory))
     try:
-        model = _from_pretrained("AutoModelForCausalLM", cfg, "weights", dtype=torch.float32, **kwargs)
+        model = _from_pretrained("AutoModelForCausalLM", cfg, "weights", dtype=dtype, **kwargs)
     except pickle.UnpicklingError as e:
         raise _unpickling_refused(model_source(cfg), e) from None
     except SafetensorError as e:
@@ -216,7 +246,9 @@ def load_model(cfg: Mapping, device: str | torch.device = "cpu") -> nn.Module:
             f"the safetensors weights of {model_source(cfg)!r} are truncated or corrupt ({first_line(e)}); "
             f"download or save the model again"
         ) from None
-    return model.to(device).eval()
+    if device_map is None:
+        model = model.to(device)
+    return model.eval()
 
 
 def load_tokenizer(cfg: Mapping):

@@ -1,16 +1,27 @@
-"""An evaluation session: one loaded model, its unit table, cached quantized weights and per-split evaluators.
+"""An evaluation session: one loaded model, its unit table, its plan switcher and per-split evaluators.
 
-Everything a trial needs and that should be paid once per process lives here: the fp32 model on its device, the
-:class:`~qsweep.apply.PlanApplier` (originals + per-(unit, format) cache), the token ids of each split (cached on
-disk) and an :class:`~qsweep.evaluate.Evaluator` per split, and the baseline's result per split.
+Everything a trial needs and that should be paid once per process lives here: the model on its device (or split
+across GPUs with ``eval.device_map``) in the evaluation dtype, the :class:`~qsweep.apply.PlanApplier` (one
+pristine copy of the weights in the checkpoint's dtype, ``eval.pristine``, and a quantized-tensor cache of
+``eval.cache_mb``), the token ids of each split (cached on disk) and an :class:`~qsweep.evaluate.Evaluator` per
+split, and the baseline's result per split. Before the weights are loaded, the memory the run needs is estimated
+from the model's config and refused in one line when the device cannot hold it (:mod:`qsweep.memory`).
+
+The evaluation dtype (``eval.dtype``): ``auto`` evaluates in the checkpoint's dtype on a GPU (a bf16 checkpoint in
+bf16: what its users run) and in fp32 on the CPU and for fp32 checkpoints; ``fp32`` is exact anywhere (a 16-bit
+checkpoint is widened losslessly), ``bf16``/``fp16`` hold the weights in that dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep.apply import PlanApplier
@@ -19,14 +30,23 @@ from qsweep.errors import ConfigError
 from qsweep.evaluate import (
     CI_MIN_TOKENS,
     CI_MIN_WINDOWS,
+    COMPUTE_DTYPES,
     MIN_SCORED_TOKENS,
     EvalResult,
     Evaluator,
     resolve_device,
 )
 from qsweep.families import resolve_for_model
+from qsweep.memory import (
+    ResourceError,
+    check_fits,
+    estimate_memory,
+    out_of_memory_message,
+    resolve_eval_dtype,
+    split_across_gpus,
+)
 from qsweep.metrics import paired_degradation_ci
-from qsweep.model import load_model, load_tokenizer, unit_table
+from qsweep.model import checkpoint_dtype, load_model, load_model_config, load_tokenizer, unit_table
 from qsweep.plan import Plan, load_plan_file, named_plan_spec, plan_from_config
 from qsweep.score import PlanScore
 from qsweep.size import model_size_bytes, packed_size_bytes
@@ -34,6 +54,7 @@ from qsweep.size import model_size_bytes, packed_size_bytes
 __all__ = ["EvalSession", "PlanScore", "named_plan_spec"]
 
 log = logging.getLogger(__name__)
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def _plain(cfg) -> dict:
@@ -69,11 +90,44 @@ class EvalSession:
             value = self.eval_cfg.get(key)
             if value is not None and int(value) < low:
                 raise ConfigError(f"eval.{key} must be >= {low} or null, got {value} (null: {_NULL[key]})")
-        self.model = load_model(self.model_cfg, self.device)
+        pristine_at = self.eval_cfg.get("pristine") or "device"
+        if pristine_at not in ("device", "cpu"):
+            raise ConfigError(f"unknown eval.pristine {pristine_at!r}; valid: device, cpu")
+        cache_mb = self.eval_cfg.get("cache_mb", 512)
+        if cache_mb is None or int(cache_mb) < 0:
+            raise ConfigError(f"eval.cache_mb must be >= 0 (MiB of quantized tensors kept), got {cache_mb}")
+        device_map = self.eval_cfg.get("device_map")
+        if device_map not in (None, "auto"):
+            raise ConfigError(f"unknown eval.device_map {device_map!r}; valid: null (one device), auto")
+        config = load_model_config(self.model_cfg)
+        ckpt_dtype = checkpoint_dtype(config)
+        self.dtype = resolve_eval_dtype(self.eval_cfg.get("dtype"), ckpt_dtype, self.device)
+        self.memory = estimate_memory(
+            config, self.device, dtype=self.dtype, checkpoint=ckpt_dtype, pristine=pristine_at,
+            cache_bytes=int(cache_mb) * 2**20, batch_size=int(self.eval_cfg.get("batch_size", 8)),
+            context=self._context_of(config), logits_chunk=self.eval_cfg.get("logits_chunk"),
+            max_tokens=self.eval_cfg.get("max_tokens"), backward=cfg.get("search") is not None,
+            device_map=device_map,
+        )  # fmt: skip
+        check_fits(self.memory)
+        max_memory = None
+        if device_map is not None:
+            if self.device.type != "cuda":
+                raise ConfigError(f"eval.device_map={device_map} splits a model across GPUs, but eval.device is "
+                                  f"{self.device}; use eval.device=cuda or eval.device_map=null")  # fmt: skip
+            free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+            max_memory = split_across_gpus(self.memory, free)
+        started = time.perf_counter()
+        self.model = load_model(self.model_cfg, self.device, device_map=device_map, max_memory=max_memory)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.table = unit_table(self.model, self.model_cfg)
         self.context  # noqa: B018 - validates eval.context against the model's positions now, not at the first split
-        self.applier = PlanApplier(self.model, self.table)
+        self.applier = PlanApplier.converting(
+            self.model, self.table, COMPUTE_DTYPES[self.dtype], pristine_device=None if pristine_at == "device" else "cpu",
+            cache_bytes=int(cache_mb) * 2**20,
+        )  # fmt: skip
+        self.load_seconds = time.perf_counter() - started
+        self._started = started
         self._evaluators: dict[str, Evaluator] = {}
         self._baseline: dict[str, EvalResult] = {}
         bcfg = _plain(cfg.get("baseline") or {})
@@ -87,11 +141,34 @@ class EvalSession:
         self.baseline_size_bytes = bcfg.get("size_bytes") or model_size_bytes(self.table, self.baseline_plan)
         self.penalty = float(cfg.get("penalty", 10.0))
 
+    def resources(self) -> dict:
+        """What this process has used so far: seconds since loading began (load included), the load's seconds, the
+        peak device memory (torch's allocator, GPUs only) and the peak resident memory of the process (host)."""
+        import resource
+
+        peak_device = None
+        if self.device.type == "cuda":
+            peak_device = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return {
+            "device": str(self.device) if self.eval_cfg.get("device_map") is None else "device_map=auto",
+            "dtype": self.dtype,
+            "wall_seconds": time.perf_counter() - self._started,
+            "load_seconds": self.load_seconds,
+            "peak_device_bytes": peak_device,
+            "peak_host_rss_bytes": rss,
+            "estimated_device_bytes": self.memory.device_bytes,
+            "pristine_bytes": self.applier.pristine_bytes,
+            "quantizations": self.applier.n_quantized,
+        }
+
     @property
     def context(self) -> int:
         """``eval.context``, or the model's maximum positions when null; longer than the model's is refused."""
+        return self._context_of(self.model.config)
+
+    def _context_of(self, conf) -> int:
         ctx = self.eval_cfg.get("context")
-        conf = self.model.config
         key = "n_positions" if getattr(conf, "n_positions", None) else "max_position_embeddings"
         limit = getattr(conf, key, None)
         if ctx is None:
@@ -130,7 +207,7 @@ class EvalSession:
                 self.context,
                 stride,
                 batch_size=int(e.get("batch_size", 8)),
-                dtype=e.get("dtype", "fp32"),
+                dtype=self.dtype,
                 logits_chunk=e.get("logits_chunk"),
                 device=self.device,
                 compile=bool(e.get("compile", False)),
@@ -158,8 +235,21 @@ class EvalSession:
         return plan_from_config(_plain(plan_cfg), self.table)
 
     def evaluate(self, plan: Plan, split: str) -> EvalResult:
-        self.applier.apply_(plan)
-        return self.evaluator(split).evaluate(self.model)
+        with self.out_of_memory_is_an_error(f"an evaluation on split {split!r}"):
+            self.applier.apply_(plan)
+            return self.evaluator(split).evaluate(self.model)
+
+    @contextlib.contextmanager
+    def out_of_memory_is_an_error(self, during: str):
+        """Turn an out-of-memory error of the device into a :class:`~qsweep.memory.ResourceError` (one line with
+        the estimate and the settings that lower it), after freeing the quantized-tensor cache."""
+        try:
+            yield
+        except _OOM as e:
+            self.applier.clear_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise ResourceError(out_of_memory_message(e, self.memory, during)) from None
 
     def baseline(self, split: str) -> EvalResult:
         if split not in self._baseline:

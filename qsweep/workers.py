@@ -22,7 +22,7 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["gpu_ids", "main", "worker_commands"]
+__all__ = ["gpu_ids", "main", "worker_commands", "worker_environments"]
 
 
 def gpu_ids() -> list[str]:
@@ -36,6 +36,23 @@ def gpu_ids() -> list[str]:
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:
         return []
+
+
+def worker_environments(n: int, gpus: list[str], base: dict | None = None) -> list[dict[str, str]]:
+    """The environment of each of ``n`` workers: with GPUs, one GPU each (``CUDA_VISIBLE_DEVICES``, round robin:
+    one model replica per GPU, data-parallel search); without, a share of the CPU cores each (``OMP_NUM_THREADS``,
+    unless set), since several processes each using every core run about 10x slower."""
+    base = dict(os.environ if base is None else base)
+    threads_each = max(1, (os.cpu_count() or 1) // n)
+    envs = []
+    for k in range(n):
+        env = dict(base)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
+        else:
+            env.setdefault("OMP_NUM_THREADS", str(threads_each))
+        envs.append(env)
+    return envs
 
 
 def _storage_overrides(overrides: list[str], run_dir: Path) -> list[str]:
@@ -94,15 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no GPU visible: say how many workers with -n N")
     run_dir = (args.dir or Path("multirun") / time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
     commands = worker_commands(list(args.overrides), n, args.first, run_dir)
-    threads_each = max(1, (os.cpu_count() or 1) // n)
     procs, pumps = [], []
-    for k, cmd in enumerate(commands):
+    for k, (cmd, env) in enumerate(zip(commands, worker_environments(n, gpus), strict=True)):
         i = args.first + k
-        env = dict(os.environ)
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[k % len(gpus)]
-        else:  # CPU workers share the cores instead of each taking all of them
-            env.setdefault("OMP_NUM_THREADS", str(threads_each))
         (run_dir / f"worker{i}").mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)  # fmt: skip

@@ -136,7 +136,7 @@ def test_plan_file_and_pinned_baseline(tmp_path, tiny_dirs):
 @pytest.mark.parametrize(("override", "message"), [
     ("plan_file=/nonexistent/p.yaml", "qsweep: error: plan file '/nonexistent/p.yaml': cannot be read"),
     ("model.granularity=blocks", "qsweep: error: unknown model.granularity 'blocks'"),
-    ("eval.dtype=int8", "qsweep: error: unknown eval.dtype 'int8'; valid: fp32, bf16, fp16"),
+    ("eval.dtype=int8", "qsweep: error: unknown eval.dtype 'int8'; valid: auto, fp32, bf16, fp16"),
     ("eval.stride=64", r"qsweep: error: eval.stride must be in [1, context=32], got 64"),
 ])  # fmt: skip
 def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):

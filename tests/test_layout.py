@@ -20,7 +20,7 @@ MODULES = {
 }
 # Modules below the search flow: they import nothing above them (README "How a search is built").
 CORE = {"formats", "rules", "units", "plan", "families", "size", "apply", "prefix", "model", "data", "corpus",
-        "evaluate", "metrics", "score", "config", "paths", "errors", "interrupts"}  # fmt: skip
+        "evaluate", "metrics", "score", "config", "paths", "errors", "interrupts", "memory"}  # fmt: skip
 
 
 def _imports(path) -> list[tuple[str, bool]]:

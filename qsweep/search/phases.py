@@ -42,25 +42,20 @@ def new_sensitivity(
 ) -> SensitivityTable:
     """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all)."""
     full = full_eval_seconds or session.baseline(split).seconds
-    # The quantized weights of every (unit, format) are made first and not counted: trials need them too, and no
-    # method counts them in its trials' cost (a budget counts evaluations).
-    for u in space.searchable:
-        for f in space.choices[u]:
-            for p in session.table[u].params:
-                session.applier.quantized(p.name, p.channel_dim, f)
     log.info(
         "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
         kind,
         len(space.searchable),
         split,
     )
-    if kind == "proxy":
-        ev = session.evaluator(split)
-        share = 1.0 if not tokens else min(1.0, tokens / ev.n_tokens)
-        table = proxy_table(session, space, split, full_eval_seconds=full,
-                            max_batches=max(1, math.ceil(share * ev.n_batches)))  # fmt: skip
-    else:
-        table = measured_table(session, space, split)
+    with session.out_of_memory_is_an_error(f"the {kind} sensitivity table (search.sensitivity)"):
+        if kind == "proxy":
+            ev = session.evaluator(split)
+            share = 1.0 if not tokens else min(1.0, tokens / ev.n_tokens)
+            table = proxy_table(session, space, split, full_eval_seconds=full, max_tokens=tokens,
+                                max_batches=max(1, math.ceil(share * ev.n_batches)))  # fmt: skip
+        else:
+            table = measured_table(session, space, split)
     log.info("warm start: %s sensitivity took %.1f s (%.1f full evaluations)", kind, table.seconds,
              table.cost_evals)  # fmt: skip
     return table

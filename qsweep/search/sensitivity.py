@@ -43,6 +43,7 @@ import torch
 
 from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator
+from qsweep.memory import PROXY_PASS_TOKENS, activation_bytes
 from qsweep.plan import Plan
 from qsweep.prefix import PrefixRunner
 from qsweep.search.sensitivity_table import (
@@ -71,6 +72,24 @@ __all__ = [
 ]
 
 FISHER_ESTIMATORS = ("rademacher", "batch")
+# Activations a backward pass may keep before its decoder layers and logits are recomputed instead (checkpointing).
+CHECKPOINT_ABOVE_BYTES = 2**30
+
+
+def _needs_checkpointing(evaluator: Evaluator, model) -> bool:
+    """Whether one proxy pass would keep more than CHECKPOINT_ABOVE_BYTES of activations without checkpointing."""
+
+    tokens = min(
+        PROXY_PASS_TOKENS, max(evaluator.batch_inputs(i).numel() for i in range(evaluator.n_batches))
+    )
+    dtype = next(model.parameters()).dtype
+    layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
+    # without checkpointing every layer keeps its activations, and every chunk of logits its softmax
+    kept = (
+        layers * activation_bytes(model.config, tokens, dtype, logits_rows=0)
+        + 3 * tokens * model.config.vocab_size * 4
+    )
+    return kept > CHECKPOINT_ABOVE_BYTES
 
 
 def sensitivity_base(space: SearchSpace, baseline: Plan) -> Plan:
@@ -172,13 +191,15 @@ def proxy_sensitivity(
     *,
     split: str = "",
     max_batches: int | None = None,
+    max_tokens: int | None = None,
     full_eval_seconds: float | None = None,
     fisher: str = "rademacher",
     seed: int = 0,
 ) -> SensitivityTable:
     """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
 
-    Uses the evaluator's first ``max_batches`` batches (all by default). ``full_eval_seconds`` (one full
+    Uses the evaluator's first ``max_batches`` batches (all by default), and of them the first windows that hold
+    ``max_tokens`` scored tokens (all by default), in backward passes of at most PROXY_PASS_TOKENS tokens. ``full_eval_seconds`` (one full
     evaluation of the split) converts the cost to evaluations; None: the median of 3, not counted. ``fisher``:
     ``rademacher`` or ``batch`` (module docstring); ``seed`` seeds the random signs.
     Leaves ``base_plan`` applied and every ``requires_grad`` flag as it was.
@@ -193,49 +214,69 @@ def proxy_sensitivity(
     start = time.perf_counter()
     applier.apply_(base_plan)
     params = dict(model.named_parameters())
-    names = [p.name for u in space.searchable for p in table[u].params]
+    owner = {p.name: (u, p.channel_dim) for u in space.searchable for p in table[u].params}
+    moves = {u: [f for f in space.choices[u] if f != base_plan[u]] for u in space.searchable}
     flags = {n: p.requires_grad for n, p in params.items()}
-    wanted = [params[n] for n in names]
     n_batches = evaluator.n_batches if max_batches is None else max(1, min(max_batches, evaluator.n_batches))
-    grad = [torch.zeros_like(p) for p in wanted]
-    sq_sum = [torch.zeros_like(p) for p in wanted]
+    device = next(iter(params.values())).device
+    # per (unit, format): sum over passes of g.dW and of r^2.dW^2 (float64 scalars on the device, no sync)
+    first = {(u, f): torch.zeros((), dtype=torch.float64, device=device) for u in moves for f in moves[u]}
+    second = {k: torch.zeros_like(v) for k, v in first.items()}
     gen = torch.Generator().manual_seed(seed)
-    nll_sum, n_tokens = 0.0, 0
+    nll_sum, n_tokens, n_passes = 0.0, 0, 0
+    state = {"terms": ()}
+
+    @torch.no_grad()
+    def contract(p: torch.Tensor) -> None:
+        """Fold one parameter's gradient into the (unit, format) sums as soon as backward makes it, then drop it:
+        the gradients of the whole model never exist at once, nor does more than one quantized tensor."""
+        name = names_of[id(p)]
+        u, channel_dim = owner[name]
+        grad, w = p.grad.float(), p.detach().float()
+        for f in moves[u]:
+            dw = applier.quantized(name, channel_dim, f).float() - w
+            if "first" in state["terms"]:
+                first[(u, f)] += (grad * dw).sum()
+            if "second" in state["terms"]:
+                second[(u, f)] += (grad * grad * dw * dw).sum()
+            del dw
+        p.grad = None
+
+    names_of = {id(params[n]): n for n in owner}
+    hooks = []
+    checkpoint = _needs_checkpointing(evaluator, model)
     try:
         for p in params.values():
             p.requires_grad_(False)
-        for p in wanted:
-            p.requires_grad_(True)
+        for n in owner:
+            params[n].requires_grad_(True)
+            hooks.append(params[n].register_post_accumulate_grad_hook(contract))
         for i in range(n_batches):
-            nll = evaluator.batch_nll(model, i)  # [M]
-            loss = nll.sum()
-            gs = torch.autograd.grad(loss, wanted, retain_graph=fisher == "rademacher")
-            if fisher == "rademacher":
-                signs = torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1  # [M]
-                rs = torch.autograd.grad((signs * nll).sum(), wanted)
-            else:
-                rs = gs
-            for acc, sq, g, r in zip(grad, sq_sum, gs, rs, strict=True):
-                acc.add_(g)
-                sq.addcmul_(r, r)
-            nll_sum += float(loss.detach())
-            n_tokens += nll.numel()
+            for rows in evaluator.batch_rows(i, PROXY_PASS_TOKENS):
+                if max_tokens is not None and n_tokens >= max_tokens:
+                    break
+                nll = evaluator.batch_nll(model, i, rows, checkpoint=checkpoint)  # [M]
+                loss = nll.sum()
+                if fisher == "rademacher":
+                    state["terms"] = ("first",)
+                    loss.backward(retain_graph=True)
+                    signs = torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1  # [M]
+                    state["terms"] = ("second",)
+                    (signs * nll).sum().backward()
+                else:
+                    state["terms"] = ("first", "second")
+                    loss.backward()
+                nll_sum += float(loss.detach())
+                n_tokens += nll.numel()
+                n_passes += 1
+                del nll, loss
     finally:
+        for h in hooks:
+            h.remove()
         for n, p in params.items():
+            p.grad = None
             p.requires_grad_(flags[n])
-    deltas: dict[tuple[str, str], float] = {}
-    with torch.no_grad():
-        by_name = {n: (g / n_tokens, f / n_tokens) for n, g, f in zip(names, grad, sq_sum, strict=True)}
-        for u in space.searchable:
-            for f in space.choices[u]:
-                if f == base_plan[u]:
-                    continue
-                d = 0.0
-                for p in table[u].params:
-                    g, fi = by_name[p.name]
-                    dw = applier.quantized(p.name, p.channel_dim, f).float() - params[p.name].float()
-                    d += float((g * dw).sum() + 0.5 * (fi * dw * dw).sum())
-                deltas[(u, f)] = d
+    deltas = {k: float(first[k]) / n_tokens + 0.5 * float(second[k]) / n_tokens for k in first}
     seconds = time.perf_counter() - start
     return SensitivityTable(
         kind="proxy",
@@ -251,6 +292,8 @@ def proxy_sensitivity(
             "fisher": fisher,
             "batches": n_batches,
             "batches_total": evaluator.n_batches,
+            "backward_passes": n_passes,
+            "checkpointed": checkpoint,
             "full_eval_seconds": full_eval_seconds,
         },
     )
@@ -280,6 +323,7 @@ def proxy_table(
     split: str | None = None,
     *,
     max_batches: int | None = None,
+    max_tokens: int | None = None,
     fisher: str = "rademacher",
     full_eval_seconds: float | None = None,
 ) -> SensitivityTable:
@@ -294,6 +338,7 @@ def proxy_table(
         base,
         split=split,
         max_batches=max_batches,
+        max_tokens=max_tokens,
         full_eval_seconds=full_eval_seconds,
         fisher=fisher,
     )

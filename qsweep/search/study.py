@@ -62,8 +62,11 @@ def default_study_name(cfg: DictConfig, search: SearchConfig) -> str:
     )
 
 
-def study_identity(cfg: DictConfig, search: SearchConfig, context: int) -> dict[str, str]:
-    """The settings that make trials comparable, as short strings (what a resume must match)."""
+def study_identity(
+    cfg: DictConfig, search: SearchConfig, context: int, dtype: str | None = None
+) -> dict[str, str]:
+    """The settings that make trials comparable, as short strings (what a resume must match); ``context`` and
+    ``dtype`` as resolved (eval.context null, eval.dtype auto)."""
     m, d, e = cfg.model, cfg.data, cfg.eval
     bundled = str(m.get("path") or "").startswith(str(Path(__file__).resolve().parents[1]))
     menu = json.dumps(OmegaConf.to_container(cfg.precision.menu, resolve=True), sort_keys=True)
@@ -74,7 +77,7 @@ def study_identity(cfg: DictConfig, search: SearchConfig, context: int) -> dict[
         "model": f"{m.name if bundled or not m.get('path') else m.path} ({m.granularity})",
         "data": f"{d.name} ({corpus})",
         "protocol": f"context={context} stride={e.stride or context} max_tokens={e.max_tokens} "
-        f"split={e.search_split} dtype={e.dtype}",
+        f"split={e.search_split} dtype={dtype or e.dtype}",
         "menu": f"{cfg.precision.name} ({hashlib.sha256(menu.encode()).hexdigest()[:12]})",
         "size_metric": search.size_metric,
         "baseline": f"plan={cfg.baseline.plan} perplexity={cfg.baseline.perplexity} "
