@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from qsweep.bench.hypervolume import hypervolume_ratio, ratio_point
 from qsweep.bench.reference import load_reference, session_token_fingerprint
 from qsweep.errors import ConfigError
+from qsweep.metrics import fitness
 from qsweep.search.config import search_config
 from qsweep.search.objective import Objective
 from qsweep.search.phases import new_sensitivity, run_phases
@@ -150,7 +151,7 @@ def _test(best, session) -> tuple[float, float, float]:
     s = session.score(Candidate.of(best).plan, "test")
     lo, hi = s.degradation_ci95 or (math.nan, math.nan)
     c = s.compression(METRIC)
-    return s.fitness(METRIC), c - s.penalty * max(0.0, hi), c - s.penalty * max(0.0, lo)
+    return s.fitness(METRIC), fitness(c, hi, s.penalty), fitness(c, lo, s.penalty)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

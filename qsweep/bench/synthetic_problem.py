@@ -14,7 +14,7 @@ problem's menu; ``formats[0]`` is the baseline (protected) format. A plan, as th
   1 in its worst format): an interaction ``(i, j, c)`` adds ``c`` times j's penalty when i is fully degraded, so
   protecting i lowers j's penalty (the seed's "compensation");
 * perplexity ``base_perplexity * exp(delta)``, degradation ``expm1(delta)`` and the user's fitness
-  ``baseline_bytes / size - penalty * max(0, degradation)``.
+  (``qsweep.metrics.fitness`` of ``baseline_bytes / size`` and the degradation).
 
 A problem without interactions is *separable*: its Pareto front in (size, delta) is the front of ``sum D`` (g is
 monotone), so it is solved exactly (qsweep.bench.synthetic_optima). A one-unit change from the baseline meets no
@@ -41,6 +41,7 @@ import torch
 
 from qsweep.errors import QsweepError, read_json_file
 from qsweep.evaluate import EvalResult
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
@@ -153,7 +154,7 @@ class Problem:
         return self.fitness_of(self.sizes(X), self.delta_nll(X))
 
     def fitness_of(self, size: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return self.baseline_bytes / np.asarray(size, float) - self.penalty * np.maximum(0.0, np.expm1(delta))
+        return fitness(self.baseline_bytes / np.asarray(size, float), np.expm1(delta), self.penalty)
 
     def ratio_points(self, size: np.ndarray, delta: np.ndarray) -> np.ndarray:
         """(size ratio, perplexity ratio) of plans: qsweep.bench.hypervolume's coordinates. [n, 2]"""

@@ -13,10 +13,10 @@ searchable unit and menu format, ``sum_f x[u, f] = 1``, ``sum sizes <= budget - 
 
 Rows with a non-finite delta (a one-unit plan that failed to evaluate) are never chosen. Fixed units (one format
 on the menu) add their bytes and delta. :func:`predicted_front` sweeps budgets evenly along the size axis;
-:func:`best_predicted_fitness` maximises the user's fitness ``baseline/size - penalty * max(0, degradation)``
+:func:`best_predicted_fitness` maximises the user's fitness (:func:`qsweep.metrics.fitness`)
 over all budgets, exactly, by a best-first branch and bound over size intervals: solving at an interval's top
-size ``hi`` gives a plan ``a`` and the least delta of every smaller plan, so ``baseline/lo - penalty *
-max(0, expm1(delta_a))`` bounds the fitness of the plans left in ``[lo, size_a)``, which is split in two until
+size ``hi`` gives a plan ``a`` and the least delta of every smaller plan, so the fitness of size ``lo`` and
+delta ``delta_a`` bounds the fitness of the plans left in ``[lo, size_a)``, which is split in two until
 every interval's bound is below the best plan found.
 """
 
@@ -85,7 +85,7 @@ class Allocation:
         return math.expm1(self.delta_nll)
 
     def fitness(self, baseline_bytes: int, penalty: float = 10.0) -> float:
-        """The user's fitness under the prediction: ``baseline/size - penalty * max(0, degradation)``."""
+        """The user's fitness (:func:`qsweep.metrics.fitness`) under the prediction."""
         return fitness(baseline_bytes / self.size_bytes, self.predicted_degradation, penalty)
 
 
@@ -238,7 +238,7 @@ def best_predicted_fitness(
     baseline_bytes: int,
     penalty: float = 10.0,
 ) -> Allocation:
-    """The plan of highest predicted fitness ``baseline_bytes/size - penalty * max(0, expm1(delta))`` over every
+    """The plan of highest predicted fitness (``metrics.fitness`` of ``baseline_bytes/size`` and ``expm1(delta)``) over every
     budget (exact under the additive model; see module docstring)."""
     prob = _Problem(table, space_choices, unit_sizes)
 
@@ -246,7 +246,7 @@ def best_predicted_fitness(
         return a.fitness(baseline_bytes, penalty)
 
     def bound(lo: int, delta: float) -> float:  # no plan of >= lo bytes and delta >= `delta` does better
-        return baseline_bytes / lo - penalty * max(0.0, math.expm1(delta))
+        return fitness(baseline_bytes / lo, math.expm1(delta), penalty)
 
     best: Allocation | None = None
     best_fit = -math.inf

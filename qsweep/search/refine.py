@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qsweep.metrics import compression, fitness
 from qsweep.plan import Plan
 from qsweep.search.allocate import predicted_delta_nll
 from qsweep.search.front import hypervolume_gain, staircase
@@ -95,7 +96,7 @@ def calibration(measured: Sequence[Measured], table: SensitivityTable) -> Calibr
 
 def _fitness(baseline_bytes: int, size: np.ndarray, delta: np.ndarray, penalty: float) -> np.ndarray:
     with np.errstate(divide="ignore", over="ignore"):  # masked entries (same-unit pairs) may be degenerate
-        return baseline_bytes / size - penalty * np.maximum(0.0, np.expm1(delta))
+        return fitness(compression(baseline_bytes, size), np.expm1(delta), penalty)
 
 
 def propose(

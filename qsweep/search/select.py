@@ -20,6 +20,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from qsweep.evaluate import EvalResult
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore, size_key
 from qsweep.search.objective import is_feasible
@@ -136,9 +137,9 @@ def paired_fitness_difference(
     sums = counts @ nll.T  # [n_boot, 3]
     toks = counts @ tokens  # [n_boot]
     ppl = torch.exp(sums / toks[:, None])
-    deg = (ppl[:, :2] / ppl[:, 2:3] - 1).clamp(min=0)  # [n_boot, 2]
+    deg = ppl[:, :2] / ppl[:, 2:3] - 1  # [n_boot, 2]; the fitness clips it at 0
     comp = torch.tensor([a.compression(metric), b.compression(metric)], dtype=torch.float64)
-    diff = (comp - a.penalty * deg) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
+    diff = fitness(comp, deg, a.penalty) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
     point = (a.fitness(metric) or 0.0) - (b.fitness(metric) or 0.0)
     lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point, lo, hi
