@@ -36,11 +36,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from qsweep.bench.hypervolume import nondominated
 from qsweep.formats import get_format
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import SIZE_METRICS
+from qsweep.search.front import nondominated
 from qsweep.search.space import SearchSpace
 
 __all__ = ["PHASES", "Measured", "ReferenceSearch"]

@@ -32,15 +32,15 @@ import optuna
 import torch
 from omegaconf import OmegaConf
 
-from qsweep.bench.hypervolume import hypervolume_ratio, ratio_point
 from qsweep.bench.reference import load_reference, session_token_fingerprint
 from qsweep.errors import ConfigError
 from qsweep.metrics import fitness
 from qsweep.search.config import search_config
+from qsweep.search.front import hypervolume_ratio, ratio_point
 from qsweep.search.objective import Objective
 from qsweep.search.phases import new_sensitivity, run_phases
 from qsweep.search.samplers import make_sampler
-from qsweep.search.select import Candidate, evaluated_trials, pareto_indices
+from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import enqueue_plans, reference_plans
 
@@ -138,12 +138,11 @@ def _summary(trials, budget: int, cost: float, ref, session) -> dict:
     base = session.baseline_perplexity("validation")
     pts = [ratio_point(t.user_attrs[f"{METRIC}_size_bytes"], t.user_attrs["perplexity"], session.baseline_size_bytes,
                        base) for t in done]  # fmt: skip
-    front = [pts[i] for i in pareto_indices(pts)]
     reach = dict.fromkeys((0.99, 1.0))
     for target in reach if ref else ():
         hit = next((k for k, t in within if t in done and _fit(t) >= target * ref.best_fitness[METRIC]), None)
         reach[target] = None if hit is None else hit + math.ceil(cost)
-    hv = hypervolume_ratio(front, ref.points(METRIC)) if ref else None
+    hv = hypervolume_ratio(pts, ref.points(METRIC)) if ref else None  # dominated points add nothing
     return {"best": best, "fitness": _fit(best), "hv": hv, "reach": reach}
 
 

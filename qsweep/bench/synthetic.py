@@ -22,7 +22,7 @@ A budget counts evaluations; methods that read the sensitivity table (warm, allo
 (``proxy_cost_evals`` of the problem) out of it, as a study does. Methods that do not know their budget run once
 to the largest and are read at each (``--seeds``); the others run once per budget (``--warm-seeds``: they depend
 little on the seed and cost the most). Columns per problem and method (medians over seeds): best fitness / the known optimum at each budget, the hypervolume ratio of the evaluated plans' front
-to the reference front (qsweep.bench.hypervolume; the exact front where the optimum is exact), the evaluations
+to the reference front (qsweep.search.front, its reference point; the exact front where the optimum is exact), the evaluations
 to reach 99% of the optimum (table cost included; median of the largest budget's runs, '-' unless more than half
 reach it) and the wall time of all its runs.
 """
@@ -44,7 +44,6 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 
-from qsweep.bench.hypervolume import hypervolume_ratio
 from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
@@ -54,6 +53,7 @@ from qsweep.paths import config_dir
 from qsweep.score import PlanScore
 from qsweep.search import warmstart
 from qsweep.search.config import SearchConfig, search_config
+from qsweep.search.front import hypervolume_ratio
 from qsweep.search.objective import Objective
 from qsweep.search.phases import run_phases
 from qsweep.search.samplers import make_sampler

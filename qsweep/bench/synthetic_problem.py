@@ -157,7 +157,7 @@ class Problem:
         return fitness(self.baseline_bytes / np.asarray(size, float), np.expm1(delta), self.penalty)
 
     def ratio_points(self, size: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """(size ratio, perplexity ratio) of plans: qsweep.bench.hypervolume's coordinates. [n, 2]"""
+        """(size ratio, perplexity ratio) of plans: qsweep.search.front's coordinates. [n, 2]"""
         return np.stack(
             [np.asarray(size, float) / self.baseline_bytes, np.exp(np.asarray(delta, float))], axis=1
         )

@@ -36,6 +36,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from qsweep.errors import QsweepError
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
+from qsweep.search.front import nondominated
 from qsweep.search.sensitivity import SensitivityTable
 
 __all__ = [
@@ -224,11 +225,8 @@ def predicted_front(
         a = prob.solve(int(b))
         if a is not None and a.plan not in found:
             found[a.plan] = a
-    front: list[Allocation] = []
-    for a in sorted(found.values(), key=lambda a: (a.size_bytes, a.delta_nll)):
-        if not front or a.delta_nll < front[-1].delta_nll:
-            front.append(a)
-    return front
+    plans = list(found.values())
+    return [plans[i] for i in nondominated([(a.size_bytes, a.delta_nll) for a in plans])]
 
 
 def best_predicted_fitness(

@@ -23,6 +23,7 @@ from qsweep.evaluate import EvalResult
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore, size_key
+from qsweep.search.front import pareto_indices
 from qsweep.search.objective import is_feasible
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
     "candidates",
     "evaluated_trials",
     "paired_fitness_difference",
-    "pareto_indices",
     "verify",
 ]
 
@@ -70,21 +70,6 @@ def evaluated_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
             seen.add(a["plan_digest"])
             out.append(t)
     return out
-
-
-def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the non-dominated points (every coordinate minimised); ties: the first of equal points wins."""
-    keep = []
-    for i, p in enumerate(points):
-        dominated = False
-        for j, q in enumerate(points):
-            no_worse = all(b <= a for a, b in zip(p, q, strict=True))
-            if j != i and no_worse and (any(b < a for a, b in zip(p, q, strict=True)) or j < i):
-                dominated = True
-                break
-        if not dominated:
-            keep.append(i)
-    return keep
 
 
 def candidates(
