@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from qsweep.bench.reference import load_reference, session_token_fingerprint
 from qsweep.errors import ConfigError
 from qsweep.metrics import fitness
+from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import search_config
 from qsweep.search.front import hypervolume_ratio, ratio_point
 from qsweep.search.objective import Objective
@@ -66,24 +67,11 @@ def _session(menu: str, device: str, extra: Sequence[str] = ()):
     return cfg, EvalSession(cfg)
 
 
-def _memoize_allocator() -> None:
-    """One benchmark run has one table and one space, so the allocator's plans depend only on how many are asked
-    for and which are excluded: solve each such question once, not once per method, seed and budget."""
-    from qsweep.search import phases
-
-    real, memo = phases.allocator_plans, {}
-
-    def allocator_plans(table, space, *, n_plans, exclude=frozenset(), **kwargs):
-        key = (id(table), id(space), n_plans, frozenset(exclude), tuple(sorted(kwargs.items())))
-        if key not in memo:
-            memo[key] = real(table, space, n_plans=n_plans, exclude=exclude, **kwargs)
-        return memo[key]
-
-    phases.allocator_plans = allocator_plans
-
-
-def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, budget: int) -> list:
-    """One study of ``method`` with ``budget`` full evaluations on the validation split (in memory); its trials."""
+def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, budget: int,
+               allocator: Allocator = EXACT) -> list:  # fmt: skip
+    """One study of ``method`` with ``budget`` full evaluations on the validation split (in memory); its trials.
+    One benchmark run has one table and one space: pass one cached ``Allocator`` to every run so that each
+    knapsack question is solved once, not once per method, seed and budget."""
     warm = method in ("allocator", "tpe_warm", "nsga2_warm")
     raw = OmegaConf.to_container(cfg.search, resolve=True)
     raw.update(sampler=_SAMPLER[method], name=method, seed=seed, n_trials=budget, warm_start=warm,
@@ -106,7 +94,8 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
     sampler = make_sampler(search.sampler, seed, search.sampler_options)
     study = optuna.create_study(directions=objective.directions, sampler=sampler)
     enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
-    run_phases(study, objective, space, session, search, table if warm else None, reference=uniform.values())
+    run_phases(study, objective, space, session, search, table if warm else None, reference=uniform.values(),
+               allocator=allocator)  # fmt: skip
     return study.get_trials(deepcopy=False)
 
 
@@ -169,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     cfg, session = _session(args.menu, args.device, args.overrides)
-    _memoize_allocator()
+    allocator = Allocator(cache=True)
     space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
     try:
         ref = load_reference(args.menu)
@@ -197,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in seeds:
             start = time.perf_counter()
             anytime = method in ("random", "tpe", "nsga2")
-            runs = {max(budgets): run_method(method, cfg, session, space, table, seed, max(budgets))} if anytime else {
-                b: run_method(method, cfg, session, space, table, seed, b) for b in budgets}  # fmt: skip
+            runs = {max(budgets): run_method(method, cfg, session, space, table, seed, max(budgets), allocator)} if anytime else {
+                b: run_method(method, cfg, session, space, table, seed, b, allocator) for b in budgets}  # fmt: skip
             for b in budgets:
                 trials = runs[max(budgets)] if anytime else runs[b]
                 cost = 0.0 if method in ("random", "tpe", "nsga2") else table.cost_evals

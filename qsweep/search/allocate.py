@@ -40,8 +40,10 @@ from qsweep.search.front import nondominated
 from qsweep.search.sensitivity import SensitivityTable
 
 __all__ = [
+    "EXACT",
     "Allocation",
     "AllocationError",
+    "Allocator",
     "allocate",
     "best_predicted_fitness",
     "predicted_delta_nll",
@@ -270,3 +272,44 @@ def best_predicted_fitness(
     assert best is not None
     # the smallest plan with the winner's predicted delta (same or better fitness)
     return max(best, prob.solve(best.size_bytes) or best, key=fit)
+
+
+class Allocator:
+    """The allocator's two questions as one object that callers are handed (``warmstart.allocator_plans``,
+    ``phases.run_phases``): :func:`predicted_front` and :func:`best_predicted_fitness`.
+
+    With ``cache=True`` each question (table, menu, sizes and arguments) is solved once: a benchmark asks the same
+    ones for every method, seed and budget. Cached tables are held alive, so their ids stay unique; the answers
+    are the solver's, unchanged (it is deterministic)."""
+
+    def __init__(self, cache: bool = False):
+        self._memo: dict | None = {} if cache else None
+
+    def _ask(self, fn, table: SensitivityTable, choices: Mapping, sizes: Mapping, **kwargs):
+        if self._memo is None:
+            return fn(table, choices, sizes, **kwargs)
+        key = (fn.__name__, id(table), repr(sorted(choices.items())), repr(sorted(sizes.items())),
+               tuple(sorted(kwargs.items())))  # fmt: skip
+        if key not in self._memo:
+            self._memo[key] = (table, fn(table, choices, sizes, **kwargs))
+        return self._memo[key][1]
+
+    def predicted_front(
+        self, table: SensitivityTable, choices: Mapping, sizes: Mapping, n_points: int = 20, max_size=None
+    ) -> list[Allocation]:
+        return self._ask(predicted_front, table, choices, sizes, n_points=n_points, max_size=max_size)
+
+    def best_predicted_fitness(
+        self,
+        table: SensitivityTable,
+        choices: Mapping,
+        sizes: Mapping,
+        baseline_bytes: int,
+        penalty: float = 10.0,
+    ) -> Allocation:
+        return self._ask(
+            best_predicted_fitness, table, choices, sizes, baseline_bytes=baseline_bytes, penalty=penalty
+        )
+
+
+EXACT = Allocator()  # no cache: what a study uses

@@ -17,7 +17,7 @@ import optuna
 
 from qsweep.plan import Plan
 from qsweep.score import size_key
-from qsweep.search.allocate import predicted_delta_nll, predicted_front
+from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import Objective
 from qsweep.search.refine import Measured, propose
@@ -92,7 +92,7 @@ def _measured(trials, metric: str) -> list[Measured]:
 
 
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
-            search: SearchConfig, budget: int) -> None:  # fmt: skip
+            search: SearchConfig, budget: int, allocator: Allocator) -> None:  # fmt: skip
     """Measured local search (qsweep.search.refine) until ``budget`` trials are done. A multi-objective study
     cycles its criterion: best fitness, then twice the front's hypervolume in ``search.front_box`` (local moves
     from the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
@@ -103,7 +103,9 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
     jumps = []  # the hypervolume criterion may also jump to a plan of the allocator's front inside the box
     if objective.kind == "multi":
         top = int(search.front_box[0] * session.baseline_size_bytes)
-        jumps = [a.plan for a in predicted_front(table, space.choices, sizes, n_points=64, max_size=top)]
+        jumps = [
+            a.plan for a in allocator.predicted_front(table, space.choices, sizes, n_points=64, max_size=top)
+        ]
     while count_done(study) < budget:
         k = sum(
             t.user_attrs.get("enqueued_as", "").startswith("refine:")
@@ -159,10 +161,11 @@ def run_phases(
     search: SearchConfig,
     table: SensitivityTable | None,
     reference: Collection[Plan] = (),
+    allocator: Allocator = EXACT,
 ) -> int:
     """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
     (``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as references (uniform,
-    named): the allocator skips them. Its plans depend only on the table and these, so a resume asks for the same
+    named): the allocator skips them; ``allocator`` answers the knapsack questions (a benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the same
     plans under the same labels."""
     if table is None:
         optimize(study, objective, search.n_trials, search.timeout_s)
@@ -170,7 +173,7 @@ def run_phases(
     budget = max(1, search.n_trials - math.ceil(table.cost_evals))
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                              baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,
-                             exclude=set(reference))  # fmt: skip
+                             exclude=set(reference), allocator=allocator)  # fmt: skip
     enqueue_plans(study, {k: space.params_of(a.plan) for k, a in allocs.items()},
                   {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
                    for k, a in allocs.items()})  # fmt: skip
@@ -180,5 +183,5 @@ def run_phases(
     refine = search.refine_trials if search.refine_trials is not None else left // 2
     optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
     if refine:
-        _refine(study, objective, space, table, session, search, budget)
+        _refine(study, objective, space, table, session, search, budget, allocator)
     return budget
