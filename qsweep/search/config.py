@@ -19,6 +19,7 @@ from qsweep.score import SIZE_METRICS
 __all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
 
 OBJECTIVES = ("multi", "fitness")
+CRITERIA = ("fitness", "hypervolume")  # what the refine step ranks by (qsweep.search.refine)
 SENSITIVITIES = ("proxy", "measured")
 
 
@@ -49,6 +50,12 @@ class SearchConfig:
     refine_trials: int | None = None
     # multi objective: the box [size ratio, perplexity ratio] (to the baseline) whose front the refine step fills
     front_box: list[float] = field(default_factory=lambda: [0.5, 1.2])
+    # the refine policy (qsweep.search.refine.RefinePolicy): a multi-objective study's criterion per turn, in a
+    # cycle (fitness | hypervolume); how many best plans a fitness turn moves from; how many plans of the
+    # allocator's front inside front_box a hypervolume turn may jump to
+    refine_schedule: list[str] = field(default_factory=lambda: ["fitness", "hypervolume", "hypervolume"])
+    refine_incumbents: int = 3
+    refine_jumps: int = 64
 
 
 def search_config(raw) -> SearchConfig:
@@ -91,6 +98,17 @@ def search_config(raw) -> SearchConfig:
     if len(s.front_box) != 2 or not (0 < s.front_box[0] <= 1 < s.front_box[1]):
         raise ConfigError(
             f"search.front_box must be [max size ratio in (0, 1], max perplexity ratio > 1], got {s.front_box}"
+        )
+    bad = [c for c in s.refine_schedule if c not in CRITERIA]
+    if not s.refine_schedule or bad:
+        raise ConfigError(
+            f"search.refine_schedule must list criteria of {', '.join(CRITERIA)}, got {s.refine_schedule}"
+            f"{did_you_mean(bad[0], CRITERIA) if bad else ''}"
+        )
+    if s.refine_incumbents < 1 or s.refine_jumps < 0:
+        raise ConfigError(
+            f"search.refine_incumbents must be >= 1 and search.refine_jumps >= 0, got {s.refine_incumbents}, "
+            f"{s.refine_jumps}"
         )
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")

@@ -20,7 +20,7 @@ from qsweep.score import size_key
 from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import Objective
-from qsweep.search.refine import Measured, propose
+from qsweep.search.refine import Measured, RefinePolicy
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
@@ -91,42 +91,25 @@ def _measured(trials, metric: str) -> list[Measured]:
     ]
 
 
-def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
-            search: SearchConfig, budget: int, allocator: Allocator) -> None:  # fmt: skip
-    """Measured local search (qsweep.search.refine) until ``budget`` trials are done. A multi-objective study
-    cycles its criterion: best fitness, then twice the front's hypervolume in ``search.front_box`` (local moves
-    from the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
-    nothing to propose, the other is used."""
-    metric = search.size_metric
+def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable,
+            policy: RefinePolicy, metric: str, budget: int, allocator: Allocator) -> None:  # fmt: skip
+    """Measured local search until ``budget`` trials are done: each turn evaluates the proposal of ``policy``
+    (qsweep.search.refine.RefinePolicy: its schedule of criteria, candidates and ranking) and records it."""
     sizes = table.unit_sizes(metric)
     start = count_done(study)
-    jumps = []  # the hypervolume criterion may also jump to a plan of the allocator's front inside the box
-    if objective.kind == "multi":
-        top = int(search.front_box[0] * session.baseline_size_bytes)
-        jumps = [
-            a.plan for a in allocator.predicted_front(table, space.choices, sizes, n_points=64, max_size=top)
-        ]
+    jumps = policy.jump_plans(table, space, sizes, allocator)
     while count_done(study) < budget:
         k = sum(
             t.user_attrs.get("enqueued_as", "").startswith("refine:")
             for t in study.get_trials(deepcopy=False)
         )
-        measured = _measured(study.get_trials(deepcopy=False), metric)
-        # one turn in three by fitness, two by hypervolume: the best plan stops improving long before the front fills
-        criteria = ["fitness"]
-        if objective.kind == "multi":
-            criteria = ["fitness", "hypervolume"] if k % 3 == 0 else ["hypervolume", "fitness"]
-        props = []
-        for criterion in criteria:
-            props = propose(measured, table, space, sizes, baseline_bytes=session.baseline_size_bytes,
-                            penalty=session.penalty, criterion=criterion, box=search.front_box,
-                            jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
-            if props:
-                break
-        if not props:
+        found = policy.next(
+            k, _measured(study.get_trials(deepcopy=False), metric), table, space, sizes, jumps
+        )
+        if found is None:
             log.info("refine: no unmeasured neighbour left")
             return
-        p = props[0]
+        p, criterion = found
         enqueue_plans(study, {f"refine:{k}": space.params_of(p.plan)},
                       {f"refine:{k}": {"predicted_fitness": p.predicted_fitness, "refine_criterion": criterion}})  # fmt: skip
         optimize(study, objective, count_done(study) + 1, progress=False)
@@ -183,5 +166,6 @@ def run_phases(
     refine = search.refine_trials if search.refine_trials is not None else left // 2
     optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
     if refine:
-        _refine(study, objective, space, table, session, search, budget, allocator)
+        policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
+        _refine(study, objective, space, table, policy, search.size_metric, budget, allocator)
     return budget
