@@ -38,12 +38,10 @@ from qsweep.metrics import fitness
 from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import search_config
 from qsweep.search.front import hypervolume_ratio, ratio_point
-from qsweep.search.objective import Objective
-from qsweep.search.phases import new_sensitivity, run_phases
-from qsweep.search.samplers import make_sampler
+from qsweep.search.phases import build_study, new_sensitivity
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.space import SearchSpace
-from qsweep.search.study import enqueue_plans, reference_plans
+from qsweep.search.study import reference_plans
 
 __all__ = ["METHODS", "main", "run_method"]
 
@@ -87,16 +85,12 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
         raw["warm_start_plans"] = max(1, budget - math.ceil(table.cost_evals) - len(uniform))
     if method == "allocator" or not warm:
         raw["refine_trials"] = 0
+    raw["size_metric"] = METRIC
     search = search_config(raw)
-    objective = Objective(space, lambda plan: session.score(plan, "validation"), kind=search.objective,
-                          size_metric=METRIC)  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = make_sampler(search.sampler, seed, search.sampler_options)
-    study = optuna.create_study(directions=objective.directions, sampler=sampler)
-    enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
-    run_phases(study, objective, space, session, search, table if warm else None, reference=uniform.values(),
-               allocator=allocator)  # fmt: skip
-    return study.get_trials(deepcopy=False)
+    run = build_study(space, lambda plan: session.score(plan, "validation"), search, reference=uniform)
+    run.run(session, table if warm else None, allocator)
+    return run.study.get_trials(deepcopy=False)
 
 
 def _fit(t) -> float:

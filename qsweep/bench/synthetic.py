@@ -54,12 +54,9 @@ from qsweep.score import PlanScore
 from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import SearchConfig, search_config
 from qsweep.search.front import hypervolume_ratio
-from qsweep.search.objective import Objective
-from qsweep.search.phases import run_phases
-from qsweep.search.samplers import make_sampler
+from qsweep.search.phases import build_study
 from qsweep.search.select import evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable
-from qsweep.search.study import enqueue_plans
 from qsweep.search.warmstart import allocator_plans
 
 __all__ = [
@@ -153,15 +150,11 @@ def run_method(
                                           baseline_bytes=problem.baseline_bytes, penalty=problem.penalty,
                                 exclude=set(uniform.values()), allocator=allocator))  # fmt: skip
         search.n_trials = min(budget, math.ceil(cost) + len(uniform) + n)
-    objective = Objective(space, session.score, kind=search.objective, size_metric=search.size_metric)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = make_sampler(search.sampler, seed, search.sampler_options)
-    study = optuna.create_study(directions=objective.directions, sampler=sampler)
-    enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
+    run = build_study(space, session.score, search, reference=uniform)
     with contextlib.redirect_stderr(io.StringIO()):  # Optuna's progress bars: one per phase, per run
-        run_phases(study, objective, space, session, search, table if search.warm_start else None,
-                   reference=uniform.values(), allocator=allocator)  # fmt: skip
-    trials = sorted(evaluated_trials(study.get_trials(deepcopy=False)), key=lambda t: t.number)
+        run.run(session, table if search.warm_start else None, allocator)
+    trials = sorted(evaluated_trials(run.study.get_trials(deepcopy=False)), key=lambda t: t.number)
     pts = tuple((t.user_attrs["fitness_packed"], t.user_attrs["packed_size_bytes"] / problem.baseline_bytes,
                  t.user_attrs["perplexity"] / problem.base_perplexity) for t in trials)  # fmt: skip
     return Trace(pts, cost, time.perf_counter() - start)

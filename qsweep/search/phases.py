@@ -1,4 +1,5 @@
-"""The phases of a search after its study is open: warm start, sampler, refine (shared by the app and benchmarks).
+"""A study built and run: :func:`build_study` (objective + sampler + study + enqueued reference plans) and its
+phases (warm start, sampler, refine), the one way the app, the benchmarks and the tests run a search.
 
 sensitivity table (stored in the study; a resume reuses it)   its cost, in full evaluations, is taken from
                                                               search.n_trials
@@ -11,23 +12,33 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 import optuna
 
 from qsweep.plan import Plan
-from qsweep.score import size_key
+from qsweep.score import PlanScore, size_key
 from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
-from qsweep.search.objective import Objective
+from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
 from qsweep.search.refine import Measured, RefinePolicy
+from qsweep.search.samplers import make_sampler
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import count_done, enqueue_plans, optimize
 from qsweep.search.warmstart import allocator_plans
 
-__all__ = ["interactions", "new_sensitivity", "run_phases", "stored_or_new_sensitivity"]
+__all__ = [
+    "StudyRun",
+    "build_study",
+    "in_memory_study",
+    "interactions",
+    "new_sensitivity",
+    "run_phases",
+    "stored_or_new_sensitivity",
+]
 
 log = logging.getLogger("qsweep")
 
@@ -169,3 +180,53 @@ def run_phases(
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
         _refine(study, objective, space, table, policy, search.size_metric, budget, allocator)
     return budget
+
+
+OpenStudy = Callable[[optuna.samplers.BaseSampler, Objective, dict[str, dict]], optuna.Study]
+
+
+def in_memory_study(
+    sampler: optuna.samplers.BaseSampler, objective: Objective, enqueue: dict[str, dict]
+) -> optuna.Study:
+    """A new study in memory with ``enqueue`` (label -> params) enqueued: what benchmarks and tests run."""
+    study = optuna.create_study(directions=objective.directions, sampler=sampler)
+    enqueue_plans(study, enqueue)
+    return study
+
+
+@dataclass
+class StudyRun:
+    """A study ready to run (:func:`build_study`): :meth:`run` runs its phases (:func:`run_phases`)."""
+
+    study: optuna.Study
+    objective: Objective
+    space: SearchSpace
+    search: SearchConfig
+    reference: dict[str, Plan] = field(default_factory=dict)
+
+    def run(self, session, table: SensitivityTable | None, allocator: Allocator = EXACT) -> int:
+        return run_phases(self.study, self.objective, self.space, session, self.search, table,
+                          reference=self.reference.values(), allocator=allocator)  # fmt: skip
+
+
+def build_study(
+    space: SearchSpace,
+    score: Callable[[Plan], PlanScore],
+    search: SearchConfig,
+    *,
+    seed: int | None = None,
+    reference: Mapping[str, Plan] = (),
+    open_study: OpenStudy = in_memory_study,
+) -> StudyRun:
+    """The objective (``score`` under ``search.objective``, ``size_metric``, ``max_degradation``), the sampler
+    (``search.sampler`` seeded with ``seed``, default ``search.seed``), and the study ``open_study(sampler,
+    objective, params by label of the reference plans)`` returns (default: a new one in memory; the app opens its
+    storage), whose finished trials the objective then knows (a duplicate plan is answered from the study)."""
+    objective = Objective(space, score, kind=search.objective, size_metric=search.size_metric,
+                          max_degradation=search.max_degradation)  # fmt: skip
+    sampler = make_sampler(search.sampler, search.seed if seed is None else seed, search.sampler_options,
+                           None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
+    reference = dict(reference)
+    study = open_study(sampler, objective, {k: space.params_of(p) for k, p in reference.items()})
+    objective.remember(study.get_trials(deepcopy=False))
+    return StudyRun(study, objective, space, search, reference)
