@@ -233,3 +233,18 @@ def test_the_refine_policy_owns_its_schedule_and_takes_its_knobs_from_the_search
 def test_bad_refine_knobs_are_refused_naming_the_key(setting, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         search_config({"name": "x", "sampler": "nsga2", **setting})
+
+
+def test_the_old_name_of_the_seed_accounting_is_an_alias_with_a_deprecation_line(caplog):
+    """``search.size_metric=model`` (what conf comments once said) is ``seed``, with one warning naming it."""
+    with caplog.at_level("WARNING", logger="qsweep"):
+        s = search_config({"name": "x", "sampler": "nsga2", "size_metric": "model"})
+    assert s.size_metric == "seed"
+    assert [r.getMessage() for r in caplog.records] == [
+        "search.size_metric=model is deprecated; use search.size_metric=seed (the same accounting)"
+    ]
+    caplog.clear()
+    assert search_config({"name": "x", "sampler": "nsga2", "size_metric": "seed"}).size_metric == "seed"
+    assert not caplog.records
+    with pytest.raises(ConfigError, match=re.escape("unknown search.size_metric 'modl'")):
+        search_config({"name": "x", "sampler": "nsga2", "size_metric": "modl"})

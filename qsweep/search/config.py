@@ -7,6 +7,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,14 @@ from omegaconf.errors import OmegaConfBaseException
 from qsweep.errors import ConfigError, did_you_mean, first_line
 from qsweep.score import SIZE_METRICS
 
-__all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
+__all__ = ["OBJECTIVES", "SIZE_METRIC_ALIASES", "SearchConfig", "search_config"]
+
+log = logging.getLogger("qsweep")
 
 OBJECTIVES = ("multi", "fitness")
+# Deprecated names of a size accounting (qsweep.score.SIZE_METRICS), accepted for one release with a warning: the
+# conf comments once called the seed's accounting ``model`` (after its record field ``model_size_bytes``).
+SIZE_METRIC_ALIASES = {"model": "seed"}
 CRITERIA = ("fitness", "hypervolume")  # what the refine step ranks by (qsweep.search.refine)
 SENSITIVITIES = ("proxy", "measured")
 
@@ -33,7 +39,7 @@ class SearchConfig:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     study_name: str | None = None  # null: derived from model, data, eval, precision, search and seed
     enqueue: list[str] = field(default_factory=list)  # plan names from conf/plan, and/or "uniform"
-    size_metric: str = "packed"  # packed: codes + scales (honest); seed: the seed's numel x bits / 8
+    size_metric: str = "packed"  # packed: codes + scales (honest); seed: numel x bits / 8, no scales
     max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
     timeout_s: float | None = None
@@ -78,6 +84,11 @@ def search_config(raw) -> SearchConfig:
             f"unknown search.objective {s.objective!r}{did_you_mean(s.objective, OBJECTIVES)}; "
             f"valid: {', '.join(OBJECTIVES)}"
         )
+    if s.size_metric in SIZE_METRIC_ALIASES:
+        new = SIZE_METRIC_ALIASES[s.size_metric]
+        log.warning("search.size_metric=%s is deprecated; use search.size_metric=%s (the same accounting)",
+                    s.size_metric, new)  # fmt: skip
+        s.size_metric = new
     if s.size_metric not in SIZE_METRICS:
         raise ConfigError(
             f"unknown search.size_metric {s.size_metric!r}{did_you_mean(s.size_metric, SIZE_METRICS)}; "
