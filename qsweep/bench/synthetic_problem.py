@@ -268,7 +268,7 @@ def load_problems(path: str | Path) -> list[Problem]:
 
 
 class ProblemSession:
-    """What the search phases need of an ``EvalSession``, on a synthetic problem: ``score(plan, split)`` returns a
+    """A :class:`qsweep.search.protocol.SearchSession` on a synthetic problem: ``score(plan, split)`` returns a
     :class:`PlanScore` (one notional window, no interval), ``baseline_size_bytes``, ``penalty``; ``n_scored``
     counts the evaluations (every call, duplicates included: the Objective answers those itself)."""
 

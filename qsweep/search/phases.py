@@ -22,6 +22,7 @@ from qsweep.score import PlanScore, size_key
 from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
+from qsweep.search.protocol import SearchSession, SensitivitySession, prepare_formats
 from qsweep.search.refine import Measured, RefinePolicy
 from qsweep.search.samplers import make_sampler
 from qsweep.search.select import Candidate, evaluated_trials
@@ -44,7 +45,7 @@ log = logging.getLogger("qsweep")
 
 
 def new_sensitivity(
-    session,
+    session: SensitivitySession,
     space: SearchSpace,
     kind: str,
     split: str,
@@ -55,10 +56,7 @@ def new_sensitivity(
     full = full_eval_seconds or session.baseline(split).seconds
     # The quantized weights of every (unit, format) are made first and not counted: trials need them too, and no
     # method counts them in its trials' cost (a budget counts evaluations).
-    for u in space.searchable:
-        for f in space.choices[u]:
-            for p in session.table[u].params:
-                session.applier.quantized(p.name, p.channel_dim, f)
+    prepare_formats(session, {u: space.choices[u] for u in space.searchable})
     log.info(
         "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
         kind,
@@ -78,7 +76,12 @@ def new_sensitivity(
 
 
 def stored_or_new_sensitivity(
-    study: optuna.Study, session, space: SearchSpace, kind: str, split: str, tokens: int | None = None
+    study: optuna.Study,
+    session: SensitivitySession,
+    space: SearchSpace,
+    kind: str,
+    split: str,
+    tokens: int | None = None,
 ) -> SensitivityTable:
     """The study's stored sensitivity table (a resume reuses it), or a new one, stored in the study."""
     stored = study.user_attrs.get("sensitivity")
@@ -151,7 +154,7 @@ def run_phases(
     study: optuna.Study,
     objective: Objective,
     space: SearchSpace,
-    session,
+    session: SearchSession,
     search: SearchConfig,
     table: SensitivityTable | None,
     reference: Collection[Plan] = (),
@@ -204,7 +207,9 @@ class StudyRun:
     search: SearchConfig
     reference: dict[str, Plan] = field(default_factory=dict)
 
-    def run(self, session, table: SensitivityTable | None, allocator: Allocator = EXACT) -> int:
+    def run(
+        self, session: SearchSession, table: SensitivityTable | None, allocator: Allocator = EXACT
+    ) -> int:
         return run_phases(self.study, self.objective, self.space, session, self.search, table,
                           reference=self.reference.values(), allocator=allocator)  # fmt: skip
 
