@@ -7,7 +7,8 @@
 
 Problems (qsweep.bench.synthetic_problem) stand in for a model: :class:`ProblemSession` scores a plan instantly,
 and every qsweep method runs on it unchanged, configured by ``conf/search/<sampler>.yaml`` as a user gets it
-(the same Objective, run_phases, samplers, allocator and refine as ``python -m qsweep +search=...``):
+(the same study builder, ``phases.build_study``, and phases: allocator, sampler and refine, as
+``python -m qsweep +search=...``; only the allocator is shared, cached, across runs):
 
   random, tpe, nsga2, gp        the Optuna samplers, uniform plans enqueued, no warm start
   allocator                     the sensitivity table + the exact allocator's plans only (no sampler, no refine)

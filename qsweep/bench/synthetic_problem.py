@@ -22,9 +22,9 @@ interaction (every other unit is protected), so the measured sensitivity table i
 interactions, as a real one is; ``proxy`` holds the cheap estimate a study starts from (``D`` with seeded
 multiplicative noise, costing ``proxy_cost_evals`` evaluations, like the one-pass Taylor proxy).
 
-:class:`ProblemSession` duck-types what the search phases need of an ``EvalSession`` (``score``,
-``baseline_size_bytes``, ``penalty``), returning real :class:`qsweep.score.PlanScore` records, so every qsweep
-method (Objective, run_phases, samplers, allocator, refine) runs on a problem unchanged.
+:class:`ProblemSession` implements what the search phases need of a session
+(:class:`qsweep.search.protocol.SearchSession`: ``score``, ``baseline_size_bytes``, ``penalty``), returning real :class:`qsweep.score.PlanScore` records, so every qsweep
+method (``phases.build_study`` and its phases: allocator, sampler, refine) runs on a problem unchanged.
 """
 
 from __future__ import annotations
