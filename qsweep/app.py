@@ -5,9 +5,9 @@ The flow of a search (each step a module that returns values to this one; none c
     search_config(cfg.search)                     validate every setting before anything is stored
     EvalSession(cfg)                              model, units, token ids, evaluators, baseline
     SearchSpace.from_menu(units, menu)            one categorical parameter per searchable unit
-    Objective(space, score on the search split)   plan -> score -> trial values, record, constraint
-    open_study(...)                               storage, identity, enqueued reference plans
-    run_phases(...)                               sensitivity table, allocator plans, sampler, refine (warm start);
+    build_study(space, score, search, ...)        objective (plan -> score -> trial values, record, constraint),
+                                                  sampler, study (storage, identity, enqueued reference plans)
+    StudyRun.run(session, table)                  sensitivity table, allocator plans, sampler, refine (warm start);
                                                   n_trials in total
     candidates(trials) / verify(score on report)  Pareto set or top-k, re-scored on the held-out split
     write_reports(...)                            results.json, pareto.csv, best_plan.yaml, pareto.png
@@ -29,9 +29,8 @@ from qsweep.memory import ResourceError
 from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
-from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
-from qsweep.search.phases import interactions, run_phases, stored_or_new_sensitivity
-from qsweep.search.samplers import make_sampler
+from qsweep.search.objective import Objective
+from qsweep.search.phases import build_study, interactions, stored_or_new_sensitivity
 from qsweep.search.select import (
     Candidate,
     Verified,
@@ -140,16 +139,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         session.evaluator(split)
     space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
     enqueue = reference_plans(list(search.enqueue), space, session.table, cfg.precision.name)
-    objective = Objective(
-        space,
-        lambda plan: session.score(plan, cfg.eval.search_split),
-        kind=search.objective,
-        size_metric=search.size_metric,
-        max_degradation=search.max_degradation,
-    )
     seed = search.seed + cfg.worker  # workers of one study propose different plans (README: Distributed)
-    sampler = make_sampler(search.sampler, seed, search.sampler_options,
-                           None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
     url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
     storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
     identity = study_identity(cfg, search, session.context, session.dtype)
@@ -159,12 +149,16 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
              max(len(c) for c in space.choices.values()))  # fmt: skip
     dashboard = f"optuna-dashboard {display_url(url)}"
     log.info("inspect it live: %s", dashboard)
-    study = open_study(storage=storage, url=url, name=name, sampler=sampler, directions=objective.directions,
-                       metric_names=objective.metric_names, identity=identity,
-                       enqueue={k: space.params_of(p) for k, p in enqueue.items()},
-                       attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split,
-                              f"worker:{cfg.worker}": {"sampler_seed": seed}})  # fmt: skip
-    objective.remember(study.get_trials(deepcopy=False))
+
+    def open_stored(sampler, objective: Objective, params: dict[str, dict]):
+        return open_study(storage=storage, url=url, name=name, sampler=sampler, directions=objective.directions,
+                          metric_names=objective.metric_names, identity=identity, enqueue=params,
+                          attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split,
+                                 f"worker:{cfg.worker}": {"sampler_seed": seed}})  # fmt: skip
+
+    run = build_study(space, lambda plan: session.score(plan, cfg.eval.search_split), search, seed=seed,
+                      reference=enqueue, open_study=open_stored)  # fmt: skip
+    study, objective = run.study, run.objective
     table, budget = None, search.n_trials
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
         try:
@@ -179,7 +173,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                 )
                 table.save(out_dir / "sensitivity.json")
                 table.write_csv(out_dir / "sensitivity.csv")
-            budget = run_phases(study, objective, space, session, search, table, reference=enqueue.values())
+            budget = run.run(session, table)
         except KeyboardInterrupt:
             log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
                         count_done(study), search.n_trials, resume_command(_task_overrides(), url, name))  # fmt: skip

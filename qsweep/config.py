@@ -114,7 +114,7 @@ class Config:
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     penalty: float = 10.0
     split: str | None = None  # the split a single-plan evaluation uses; null: eval.report_split
-    search: Any = None  # set by +search=NAME (conf/search/); validated by qsweep.search.study.SearchConfig
+    search: Any = None  # set by +search=NAME (conf/search/); validated by qsweep.search.config.search_config
     export: Any = None  # set by +export=NAME (conf/export/); validated by qsweep.export.cli
     worker: int = 0  # index of this worker of a shared study: sampler seed = search.seed + worker
 

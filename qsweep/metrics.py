@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from qsweep.evaluate import EvalResult
@@ -27,7 +28,17 @@ def degradation(ppl: float, base_ppl: float) -> float:
     return (ppl - base_ppl) / base_ppl
 
 
-def fitness(compression_ratio: float, degradation_value: float, penalty: float = 10.0) -> float:
+def fitness(compression_ratio, degradation_value, penalty: float = 10.0):
+    """The user's fitness, the one place it is written: ``compression - penalty * max(0, degradation)``.
+
+    Floats give a float (``max``, so a NaN degradation counts as 0, as it always has); numpy arrays (0-d included)
+    broadcast through ``np.maximum`` and torch tensors through ``clamp``, both of which keep a NaN. Every module
+    (search, allocator, refine, benchmarks) calls this, so their numbers agree to the last bit.
+    """
+    if isinstance(degradation_value, torch.Tensor):
+        return compression_ratio - penalty * degradation_value.clamp(min=0)
+    if isinstance(degradation_value, np.ndarray) or isinstance(compression_ratio, np.ndarray):
+        return compression_ratio - penalty * np.maximum(0.0, degradation_value)
     return compression_ratio - penalty * max(0.0, degradation_value)
 
 

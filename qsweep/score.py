@@ -35,7 +35,8 @@ RECORD_FIELDS = (
 
 
 def size_key(metric: str) -> str:
-    """The record field holding the size of ``metric`` (``packed`` or ``seed``)."""
+    """The record field holding the size of ``metric`` (``packed`` or ``seed``: its field keeps the name
+    ``model_size_bytes``, which scripts read)."""
     return "packed_size_bytes" if metric == "packed" else "model_size_bytes"
 
 

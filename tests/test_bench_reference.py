@@ -12,19 +12,19 @@ import pytest
 import yaml
 from conftest import CONF, model_cfg, tiny_config
 
-from qsweep.bench.hypervolume import (
-    REFERENCE_POINT,
-    hypervolume,
-    hypervolume_ratio,
-    nondominated,
-    ratio_point,
-)
 from qsweep.bench.reference import load_reference, main, reference_path, token_fingerprint
 from qsweep.bench.reference_search import ReferenceSearch
 from qsweep.errors import ConfigError
 from qsweep.model import meta_model, unit_table
 from qsweep.plan import Plan
 from qsweep.score import SIZE_METRICS
+from qsweep.search.front import (
+    REFERENCE_POINT,
+    hypervolume,
+    hypervolume_ratio,
+    nondominated,
+    ratio_point,
+)
 from qsweep.search.space import SearchSpace
 from qsweep.size import model_size_bytes, packed_size_bytes
 

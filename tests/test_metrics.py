@@ -132,3 +132,33 @@ def test_t_quantile_keeps_coverage_with_few_windows():
     cover_t, cover_z = simulate_coverage(n_windows=4, reps=2000, min_tokens=128, seed=2)
     assert 0.93 <= cover_t <= 0.97
     assert cover_z < 0.90
+
+
+def test_fitness_on_floats_arrays_and_tensors_is_the_same_number():
+    """One fitness for every caller (issue 17): numpy arrays and torch tensors give, element by element, the float
+    the scalar path gives, bit for bit; a NaN degradation counts as 0 on floats (``max``) and stays NaN on arrays."""
+    import numpy as np
+
+    comp = [4.25, 1.0, 2.0 / 3.0, 7.125]
+    deg = [0.0137, -0.2, 0.5, 1e-9]
+    scalars = [fitness(c, d, 10.0) for c, d in zip(comp, deg, strict=True)]
+    arr = fitness(np.array(comp), np.array(deg), 10.0)
+    assert isinstance(arr, np.ndarray) and arr.tolist() == scalars
+    ten = fitness(torch.tensor(comp, dtype=torch.float64), torch.tensor(deg, dtype=torch.float64), 10.0)
+    assert isinstance(ten, torch.Tensor) and ten.tolist() == scalars
+    assert (
+        fitness(np.array(3.0), np.array(0.25), 2.0) == 2.5
+    )  # 0-d arrays (the refine step's single proposals)
+    assert fitness(3.0, math.nan) == 3.0
+    assert math.isnan(float(fitness(np.array([3.0]), np.array([math.nan]))[0]))
+
+
+def test_the_fitness_expression_is_written_in_one_module():
+    """``penalty * max(0, ...)`` (or its numpy/torch spellings) appears in qsweep/metrics.py only."""
+    import re
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "qsweep"
+    pattern = re.compile(r"penalty\s*\*\s*(?:\(?\s*(?:np\.)?max(?:imum)?\(|\w+\.clamp\()")
+    hits = sorted(str(p.relative_to(pkg)) for p in pkg.rglob("*.py") if pattern.search(p.read_text()))
+    assert hits == ["metrics.py"], hits

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 
 import pytest
 
+from qsweep.errors import ConfigError
 from qsweep.plan import Plan
+from qsweep.search.config import search_config
 from qsweep.search.refine import POWER_RANGE, Calibration, Measured, calibration, propose
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
 from qsweep.search.space import SearchSpace
@@ -110,8 +113,7 @@ def test_measured_plans_are_never_proposed_and_moves_stay_local():
 def test_hypervolume_gain_equals_the_difference_of_hypervolumes():
     import numpy as np
 
-    from qsweep.bench.hypervolume import hypervolume
-    from qsweep.search.front import hypervolume_gain
+    from qsweep.search.front import hypervolume, hypervolume_gain
 
     rng = np.random.default_rng(0)
     box = (0.5, 1.2)
@@ -130,7 +132,7 @@ def test_hypervolume_gain_equals_the_difference_of_hypervolumes():
 
 
 def test_the_hypervolume_criterion_proposes_the_largest_predicted_gain_from_any_front_member():
-    from qsweep.bench.hypervolume import hypervolume
+    from qsweep.search.front import hypervolume
 
     # a measured front of two plans with a gap between them; the additive table is exact (alpha = 1)
     plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in (("int4", "int4", "int4", "int4"),
@@ -192,3 +194,57 @@ def test_a_bad_front_box_is_refused_naming_the_key(box):
     with pytest.raises(ConfigError, match=r"search.front_box must be \[max size ratio in \(0, 1\]"):
         search_config({"name": "x", "sampler": "nsga2", "front_box": box})
     assert search_config({"name": "x", "sampler": "nsga2"}).front_box == [0.5, 1.2]
+
+
+def test_the_refine_policy_owns_its_schedule_and_takes_its_knobs_from_the_search_config():
+    from qsweep.search.refine import RefinePolicy
+
+    search = search_config({"name": "x", "sampler": "nsga2"})
+    policy = RefinePolicy.of(search, baseline_bytes=1000, penalty=10.0)
+    assert (policy.multi, policy.schedule, policy.incumbents, policy.jumps, policy.box) == (
+        True, ("fitness", "hypervolume", "hypervolume"), 3, 64, (0.5, 1.2))  # fmt: skip
+    # one turn in three by fitness; the other criterion is each turn's fallback
+    assert [policy.criteria(k)[0] for k in range(6)] == ["fitness", "hypervolume", "hypervolume"] * 2
+    assert policy.criteria(1) == ["hypervolume", "fitness"] and policy.criteria(3) == [
+        "fitness",
+        "hypervolume",
+    ]
+    single = RefinePolicy.of(
+        search_config({"name": "x", "sampler": "tpe", "objective": "fitness"}), 1000, 10.0
+    )
+    assert [single.criteria(k) for k in range(3)] == [["fitness"]] * 3
+    custom = search_config({"name": "x", "sampler": "nsga2", "refine_schedule": ["hypervolume"],
+                            "refine_incumbents": 5, "refine_jumps": 0})  # fmt: skip
+    policy = RefinePolicy.of(custom, 1000, 10.0)
+    assert policy.criteria(0) == ["hypervolume", "fitness"] and policy.incumbents == 5
+    assert policy.jump_plans(None, None, {}, None) == []  # no jumps asked for: the allocator is not consulted
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"refine_schedule": ["hv"]}, "search.refine_schedule must list criteria of fitness, hypervolume"),
+        ({"refine_schedule": []}, "search.refine_schedule must list criteria"),
+        ({"refine_incumbents": 0}, "search.refine_incumbents must be >= 1"),
+        ({"refine_jumps": -1}, "search.refine_jumps >= 0"),
+        ({"refine_jumpz": 3}, "unknown key search.refine_jumpz"),
+    ],
+)
+def test_bad_refine_knobs_are_refused_naming_the_key(setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        search_config({"name": "x", "sampler": "nsga2", **setting})
+
+
+def test_the_old_name_of_the_seed_accounting_is_an_alias_with_a_deprecation_line(caplog):
+    """``search.size_metric=model`` (what conf comments once said) is ``seed``, with one warning naming it."""
+    with caplog.at_level("WARNING", logger="qsweep"):
+        s = search_config({"name": "x", "sampler": "nsga2", "size_metric": "model"})
+    assert s.size_metric == "seed"
+    assert [r.getMessage() for r in caplog.records] == [
+        "search.size_metric=model is deprecated; use search.size_metric=seed (the same accounting)"
+    ]
+    caplog.clear()
+    assert search_config({"name": "x", "sampler": "nsga2", "size_metric": "seed"}).size_metric == "seed"
+    assert not caplog.records
+    with pytest.raises(ConfigError, match=re.escape("unknown search.size_metric 'modl'")):
+        search_config({"name": "x", "sampler": "nsga2", "size_metric": "modl"})

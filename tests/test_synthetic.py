@@ -258,24 +258,17 @@ def test_guard_default_warm_search_reaches_the_exact_optimum():
 def test_multi_objective_refine_turns_are_fitness_then_twice_hypervolume():
     """The refine schedule of a multi-objective study (qsweep.search.phases): one turn in three by fitness; the
     other two fill the front; each turn's criterion is recorded in the trial."""
-    import optuna
-
-    from qsweep.search.objective import Objective
-    from qsweep.search.phases import run_phases
-    from qsweep.search.samplers import make_sampler
-    from qsweep.search.study import enqueue_plans
+    from qsweep.search.phases import build_study
 
     p = solved(generate(SMALL_X, 4))
     session, space = ProblemSession(p), p.space
     search = bench.search_settings("nsga2_warm", 0, 40)
-    objective = Objective(space, session.score, kind=search.objective, size_metric=search.size_metric)
-    assert objective.kind == "multi"
-    study = optuna.create_study(directions=objective.directions, sampler=make_sampler("nsga2", 0, {}))
+    search.sampler_options = {}
     uniform = {f"uniform:{f}": plan for f, plan in space.uniform_plans().items()}
-    enqueue_plans(study, {k: space.params_of(plan) for k, plan in uniform.items()})
-    run_phases(
-        study, objective, space, session, search, p.sensitivity_table("proxy"), reference=uniform.values()
-    )
+    run = build_study(space, session.score, search, reference=uniform)
+    assert run.objective.kind == "multi"
+    run.run(session, p.sensitivity_table("proxy"))
+    study = run.study
     refine = sorted(
         (int(t.user_attrs["enqueued_as"].split(":")[1]), t.user_attrs["refine_criterion"])
         for t in study.trials

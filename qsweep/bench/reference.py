@@ -50,10 +50,11 @@ from pathlib import Path
 
 import torch
 
-from qsweep.bench.hypervolume import REFERENCE_POINT, hypervolume, ratio_point
 from qsweep.errors import ConfigError
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import SIZE_METRICS
+from qsweep.search.front import REFERENCE_POINT, hypervolume, ratio_point
 
 __all__ = [
     "DATA_DIR",
@@ -121,10 +122,10 @@ class ReferenceFront:
 
     def fitness(self, p: ReferencePlan, metric: str) -> float:
         deg = p.perplexity / self.baseline_perplexity - 1
-        return self.baseline_size_bytes / p.size_bytes(metric) - self.penalty * max(0.0, deg)
+        return fitness(self.baseline_size_bytes / p.size_bytes(metric), deg, self.penalty)
 
     def point(self, p: ReferencePlan, metric: str) -> tuple[float, float]:
-        """``(size ratio, perplexity ratio)`` of ``p`` (:mod:`qsweep.bench.hypervolume`)."""
+        """``(size ratio, perplexity ratio)`` of ``p`` (:mod:`qsweep.search.front`)."""
         return ratio_point(
             p.size_bytes(metric), p.perplexity, self.baseline_size_bytes, self.baseline_perplexity
         )

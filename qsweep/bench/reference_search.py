@@ -36,10 +36,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from qsweep.bench.hypervolume import nondominated
 from qsweep.formats import get_format
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import SIZE_METRICS
+from qsweep.search.front import nondominated
 from qsweep.search.space import SearchSpace
 
 __all__ = ["PHASES", "Measured", "ReferenceSearch"]
@@ -136,7 +137,7 @@ class ReferenceSearch:
         if not math.isfinite(m.perplexity):
             return -math.inf
         deg = m.perplexity / self.base_ppl - 1
-        return self.base_size / m.size_bytes(metric) - self.penalty * max(0.0, deg)
+        return fitness(self.base_size / m.size_bytes(metric), deg, self.penalty)
 
     def best(self, metric: str, n: int = 1) -> list[Measured]:
         return sorted(self.archive.values(), key=lambda m: (-self.fitness(m, metric), m.index))[:n]
@@ -289,7 +290,7 @@ class ReferenceSearch:
                 ma, mb = singles[top[a]], singles[top[b]]
                 ppl = ma.perplexity * mb.perplexity / base.perplexity
                 s = ma.size_bytes(metric) + mb.size_bytes(metric) - size
-                fit = self.base_size / s - self.penalty * max(0.0, ppl / self.base_ppl - 1)
+                fit = fitness(self.base_size / s, ppl / self.base_ppl - 1, self.penalty)
                 predicted.append((fit, self.moved(self.moved(cur, i, f), j, g)))
         predicted.sort(key=lambda t: -t[0])
         tried = [self.measure(key) for _, key in predicted[:PAIRS]]

@@ -32,16 +32,16 @@ import optuna
 import torch
 from omegaconf import OmegaConf
 
-from qsweep.bench.hypervolume import hypervolume_ratio, ratio_point
 from qsweep.bench.reference import load_reference, session_token_fingerprint
 from qsweep.errors import ConfigError
+from qsweep.metrics import fitness
+from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import search_config
-from qsweep.search.objective import Objective
-from qsweep.search.phases import new_sensitivity, run_phases
-from qsweep.search.samplers import make_sampler
-from qsweep.search.select import Candidate, evaluated_trials, pareto_indices
+from qsweep.search.front import hypervolume_ratio, ratio_point
+from qsweep.search.phases import build_study, new_sensitivity
+from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.space import SearchSpace
-from qsweep.search.study import enqueue_plans, reference_plans
+from qsweep.search.study import reference_plans
 
 __all__ = ["METHODS", "main", "run_method"]
 
@@ -65,24 +65,11 @@ def _session(menu: str, device: str, extra: Sequence[str] = ()):
     return cfg, EvalSession(cfg)
 
 
-def _memoize_allocator() -> None:
-    """One benchmark run has one table and one space, so the allocator's plans depend only on how many are asked
-    for and which are excluded: solve each such question once, not once per method, seed and budget."""
-    from qsweep.search import phases
-
-    real, memo = phases.allocator_plans, {}
-
-    def allocator_plans(table, space, *, n_plans, exclude=frozenset(), **kwargs):
-        key = (id(table), id(space), n_plans, frozenset(exclude), tuple(sorted(kwargs.items())))
-        if key not in memo:
-            memo[key] = real(table, space, n_plans=n_plans, exclude=exclude, **kwargs)
-        return memo[key]
-
-    phases.allocator_plans = allocator_plans
-
-
-def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, budget: int) -> list:
-    """One study of ``method`` with ``budget`` full evaluations on the validation split (in memory); its trials."""
+def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, budget: int,
+               allocator: Allocator = EXACT) -> list:  # fmt: skip
+    """One study of ``method`` with ``budget`` full evaluations on the validation split (in memory); its trials.
+    One benchmark run has one table and one space: pass one cached ``Allocator`` to every run so that each
+    knapsack question is solved once, not once per method, seed and budget."""
     warm = method in ("allocator", "tpe_warm", "nsga2_warm")
     raw = OmegaConf.to_container(cfg.search, resolve=True)
     raw.update(sampler=_SAMPLER[method], name=method, seed=seed, n_trials=budget, warm_start=warm,
@@ -98,15 +85,12 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
         raw["warm_start_plans"] = max(1, budget - math.ceil(table.cost_evals) - len(uniform))
     if method == "allocator" or not warm:
         raw["refine_trials"] = 0
+    raw["size_metric"] = METRIC
     search = search_config(raw)
-    objective = Objective(space, lambda plan: session.score(plan, "validation"), kind=search.objective,
-                          size_metric=METRIC)  # fmt: skip
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = make_sampler(search.sampler, seed, search.sampler_options)
-    study = optuna.create_study(directions=objective.directions, sampler=sampler)
-    enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
-    run_phases(study, objective, space, session, search, table if warm else None, reference=uniform.values())
-    return study.get_trials(deepcopy=False)
+    run = build_study(space, lambda plan: session.score(plan, "validation"), search, reference=uniform)
+    run.run(session, table if warm else None, allocator)
+    return run.study.get_trials(deepcopy=False)
 
 
 def _fit(t) -> float:
@@ -137,12 +121,11 @@ def _summary(trials, budget: int, cost: float, ref, session) -> dict:
     base = session.baseline_perplexity("validation")
     pts = [ratio_point(t.user_attrs[f"{METRIC}_size_bytes"], t.user_attrs["perplexity"], session.baseline_size_bytes,
                        base) for t in done]  # fmt: skip
-    front = [pts[i] for i in pareto_indices(pts)]
     reach = dict.fromkeys((0.99, 1.0))
     for target in reach if ref else ():
         hit = next((k for k, t in within if t in done and _fit(t) >= target * ref.best_fitness[METRIC]), None)
         reach[target] = None if hit is None else hit + math.ceil(cost)
-    hv = hypervolume_ratio(front, ref.points(METRIC)) if ref else None
+    hv = hypervolume_ratio(pts, ref.points(METRIC)) if ref else None  # dominated points add nothing
     return {"best": best, "fitness": _fit(best), "hv": hv, "reach": reach}
 
 
@@ -150,7 +133,7 @@ def _test(best, session) -> tuple[float, float, float]:
     s = session.score(Candidate.of(best).plan, "test")
     lo, hi = s.degradation_ci95 or (math.nan, math.nan)
     c = s.compression(METRIC)
-    return s.fitness(METRIC), c - s.penalty * max(0.0, hi), c - s.penalty * max(0.0, lo)
+    return s.fitness(METRIC), fitness(c, hi, s.penalty), fitness(c, lo, s.penalty)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
     cfg, session = _session(args.menu, args.device, args.overrides)
-    _memoize_allocator()
+    allocator = Allocator(cache=True)
     space = SearchSpace.from_menu(session.table, OmegaConf.to_container(cfg.precision.menu, resolve=True))
     try:
         ref = load_reference(args.menu)
@@ -197,8 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in seeds:
             start = time.perf_counter()
             anytime = method in ("random", "tpe", "nsga2")
-            runs = {max(budgets): run_method(method, cfg, session, space, table, seed, max(budgets))} if anytime else {
-                b: run_method(method, cfg, session, space, table, seed, b) for b in budgets}  # fmt: skip
+            runs = {max(budgets): run_method(method, cfg, session, space, table, seed, max(budgets), allocator)} if anytime else {
+                b: run_method(method, cfg, session, space, table, seed, b, allocator) for b in budgets}  # fmt: skip
             for b in budgets:
                 trials = runs[max(budgets)] if anytime else runs[b]
                 cost = 0.0 if method in ("random", "tpe", "nsga2") else table.cost_evals

@@ -7,7 +7,8 @@
 
 Problems (qsweep.bench.synthetic_problem) stand in for a model: :class:`ProblemSession` scores a plan instantly,
 and every qsweep method runs on it unchanged, configured by ``conf/search/<sampler>.yaml`` as a user gets it
-(the same Objective, run_phases, samplers, allocator and refine as ``python -m qsweep +search=...``):
+(the same study builder, ``phases.build_study``, and phases: allocator, sampler and refine, as
+``python -m qsweep +search=...``; only the allocator is shared, cached, across runs):
 
   random, tpe, nsga2, gp        the Optuna samplers, uniform plans enqueued, no warm start
   allocator                     the sensitivity table + the exact allocator's plans only (no sampler, no refine)
@@ -22,7 +23,7 @@ A budget counts evaluations; methods that read the sensitivity table (warm, allo
 (``proxy_cost_evals`` of the problem) out of it, as a study does. Methods that do not know their budget run once
 to the largest and are read at each (``--seeds``); the others run once per budget (``--warm-seeds``: they depend
 little on the seed and cost the most). Columns per problem and method (medians over seeds): best fitness / the known optimum at each budget, the hypervolume ratio of the evaluated plans' front
-to the reference front (qsweep.bench.hypervolume; the exact front where the optimum is exact), the evaluations
+to the reference front (qsweep.search.front, its reference point; the exact front where the optimum is exact), the evaluations
 to reach 99% of the optimum (table cost included; median of the largest budget's runs, '-' unless more than half
 reach it) and the wall time of all its runs.
 """
@@ -37,14 +38,13 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
 
-from qsweep.bench.hypervolume import hypervolume_ratio
 from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
@@ -52,14 +52,13 @@ from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problem
 from qsweep.errors import QsweepError, user_error_line
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
-from qsweep.search import warmstart
+from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import SearchConfig, search_config
-from qsweep.search.objective import Objective
-from qsweep.search.phases import run_phases
-from qsweep.search.samplers import make_sampler
+from qsweep.search.front import hypervolume_ratio
+from qsweep.search.phases import build_study
 from qsweep.search.select import evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable
-from qsweep.search.study import enqueue_plans
+from qsweep.search.warmstart import allocator_plans
 
 __all__ = [
     "DATA",
@@ -123,41 +122,16 @@ def search_settings(method: str, seed: int, n_trials: int) -> SearchConfig:
     return search_config(raw)
 
 
-@contextlib.contextmanager
-def _memo_allocator() -> Iterator[None]:
-    """The exact allocator's answers (``predicted_front``, ``best_predicted_fitness``) depend only on the table,
-    menu, sizes and arguments, and one benchmark asks the same questions for every method, seed and budget: solve
-    each once. The names the search phases imported are swapped for memoized ones and restored on exit (tables
-    are held alive meanwhile, so their ids stay unique)."""
-    from qsweep.search import allocate, phases
-
-    memo: dict = {}
-
-    def memoized(fn):
-        def call(table, choices, sizes, *args, **kwargs):
-            key = (fn.__name__, id(table), repr(sorted(choices.items())), repr(sorted(sizes.items())), args,
-                   tuple(sorted(kwargs.items())))  # fmt: skip
-            if key not in memo:
-                memo[key] = (table, fn(table, choices, sizes, *args, **kwargs))
-            return memo[key][1]
-
-        return call
-
-    swaps = [(m, name) for m in (phases, warmstart) for name in ("predicted_front", "best_predicted_fitness")
-             if hasattr(m, name)]  # fmt: skip
-    for m, name in swaps:
-        setattr(m, name, memoized(getattr(allocate, name)))
-    try:
-        yield
-    finally:
-        for m, name in swaps:
-            setattr(m, name, getattr(allocate, name))
-
-
 def run_method(
-    method: str, problem: Problem, seed: int, budget: int, table: SensitivityTable | None = None
+    method: str,
+    problem: Problem,
+    seed: int,
+    budget: int,
+    table: SensitivityTable | None = None,
+    allocator: Allocator = EXACT,
 ) -> Trace:
-    """One run of ``method`` on ``problem`` with ``budget`` evaluations (the table's cost included)."""
+    """One run of ``method`` on ``problem`` with ``budget`` evaluations (the table's cost included); a cached
+    ``allocator`` shared by the runs of one table solves each knapsack question once."""
     session = ProblemSession(problem)
     space = problem.space
     table = table or problem.sensitivity_table("proxy")
@@ -173,19 +147,15 @@ def run_method(
     uniform = {f"uniform:{f}": p for f, p in space.uniform_plans().items()}
     if method == "allocator":  # the allocator's plans only: as many as the budget holds, then the run ends
         search.warm_start_plans = max(1, budget - math.ceil(cost) - len(uniform))
-        n = len(warmstart.allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
+        n = len(allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                                           baseline_bytes=problem.baseline_bytes, penalty=problem.penalty,
-                                          exclude=set(uniform.values())))  # fmt: skip
+                                exclude=set(uniform.values()), allocator=allocator))  # fmt: skip
         search.n_trials = min(budget, math.ceil(cost) + len(uniform) + n)
-    objective = Objective(space, session.score, kind=search.objective, size_metric=search.size_metric)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    sampler = make_sampler(search.sampler, seed, search.sampler_options)
-    study = optuna.create_study(directions=objective.directions, sampler=sampler)
-    enqueue_plans(study, {k: space.params_of(p) for k, p in uniform.items()})
+    run = build_study(space, session.score, search, reference=uniform)
     with contextlib.redirect_stderr(io.StringIO()):  # Optuna's progress bars: one per phase, per run
-        run_phases(study, objective, space, session, search, table if search.warm_start else None,
-                   reference=uniform.values())  # fmt: skip
-    trials = sorted(evaluated_trials(study.get_trials(deepcopy=False)), key=lambda t: t.number)
+        run.run(session, table if search.warm_start else None, allocator)
+    trials = sorted(evaluated_trials(run.study.get_trials(deepcopy=False)), key=lambda t: t.number)
     pts = tuple((t.user_attrs["fitness_packed"], t.user_attrs["packed_size_bytes"] / problem.baseline_bytes,
                  t.user_attrs["perplexity"] / problem.base_perplexity) for t in trials)  # fmt: skip
     return Trace(pts, cost, time.perf_counter() - start)
@@ -212,11 +182,12 @@ def summarize(trace: Trace, budget: int, optimum: float, ref_front) -> dict:
     return {"ratio": best / optimum if pts else None, "hv": hv, "reach99": reach}
 
 
-def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence[int], table) -> list[dict]:
+def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence[int], table,
+          allocator: Allocator) -> list[dict]:  # fmt: skip
     rows = []
     for seed in seeds[:1] if method in _SEEDLESS else seeds:
-        runs = {b: run_method(method, problem, seed, b, table) for b in ([max(budgets)] if method in _ANYTIME
-                                                                          else budgets)}  # fmt: skip
+        once = [max(budgets)] if method in _ANYTIME else budgets
+        runs = {b: run_method(method, problem, seed, b, table, allocator) for b in once}
         for b in budgets:
             rows.append({"seed": seed, "budget": b, "trace": runs.get(b) or runs[max(budgets)],
                          "seconds": runs[b].seconds if b in runs else 0.0})  # fmt: skip
@@ -228,17 +199,18 @@ def benchmark(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequen
     """Every method on every problem: one row per (problem, method, seed, budget); the methods run once per budget
     (warm-started, allocator) use ``warm_seeds`` when given (they depend little on the seed and cost the most)."""
     out = []
-    with _memo_allocator():
-        for p in problems:
-            opt, ref = p.optimum["fitness"], reference_front(p)
-            table = p.sensitivity_table("proxy")
-            for m in methods:
-                t0 = time.perf_counter()
-                rows = _runs(m, p, warm_seeds if warm_seeds and m not in _ANYTIME else seeds, budgets, table)
-                for r in rows:
-                    out.append({"problem": p.name, "method": m, "seed": r["seed"], "budget": r["budget"],
-                                **summarize(r["trace"], r["budget"], opt, ref), "seconds": r["seconds"]})  # fmt: skip
-                log(f"  {p.name} {m}: {time.perf_counter() - t0:.1f} s", flush=True)
+    allocator = Allocator(cache=True)  # one benchmark asks the same knapsack questions many times
+    for p in problems:
+        opt, ref = p.optimum["fitness"], reference_front(p)
+        table = p.sensitivity_table("proxy")
+        for m in methods:
+            t0 = time.perf_counter()
+            rows = _runs(m, p, warm_seeds if warm_seeds and m not in _ANYTIME else seeds, budgets, table,
+                         allocator)  # fmt: skip
+            for r in rows:
+                out.append({"problem": p.name, "method": m, "seed": r["seed"], "budget": r["budget"],
+                            **summarize(r["trace"], r["budget"], opt, ref), "seconds": r["seconds"]})  # fmt: skip
+            log(f"  {p.name} {m}: {time.perf_counter() - t0:.1f} s", flush=True)
     return out
 
 

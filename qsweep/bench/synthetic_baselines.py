@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore
 from qsweep.search.sensitivity import SensitivityTable
@@ -106,7 +107,7 @@ def greedy(space: SearchSpace, budget: Budget, *, table: SensitivityTable, basel
         delta += table.delta(u, up) - table.delta(u, cur[u])
         cur[u] = up
         path.append((Plan(cur), size, delta))
-    predicted = [baseline_bytes / s - penalty * max(0.0, math.expm1(d)) for _, s, d in path]
+    predicted = [fitness(baseline_bytes / s, math.expm1(d), penalty) for _, s, d in path]
     for k in sorted(range(len(path)), key=lambda k: -predicted[k]):
         budget(path[k][0])
 

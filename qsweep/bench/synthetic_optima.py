@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qsweep.bench.synthetic_problem import Problem
+from qsweep.search.front import nondominated_mask
 
 __all__ = [
     "BRUTE_FORCE_MAX",
@@ -54,15 +55,6 @@ class Optimum:
     how: str  # "brute force" | "exact Pareto DP" | "reference run (not proven)"
     evaluations: int
     front: Front
-
-
-def nondominated_mask(size: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(order, keep): ``order`` sorts by (size, delta); ``keep[k]`` is True for the points of ``order`` that no
-    other point dominates (the first of equal points kept)."""
-    order = np.lexsort((delta, size))
-    d = delta[order]
-    prev = np.concatenate([[np.inf], np.minimum.accumulate(d)[:-1]])
-    return order, d < prev
 
 
 def _front(plans: np.ndarray, size: np.ndarray, delta: np.ndarray) -> Front:

@@ -14,7 +14,7 @@ problem's menu; ``formats[0]`` is the baseline (protected) format. A plan, as th
   1 in its worst format): an interaction ``(i, j, c)`` adds ``c`` times j's penalty when i is fully degraded, so
   protecting i lowers j's penalty (the seed's "compensation");
 * perplexity ``base_perplexity * exp(delta)``, degradation ``expm1(delta)`` and the user's fitness
-  ``baseline_bytes / size - penalty * max(0, degradation)``.
+  (``qsweep.metrics.fitness`` of ``baseline_bytes / size`` and the degradation).
 
 A problem without interactions is *separable*: its Pareto front in (size, delta) is the front of ``sum D`` (g is
 monotone), so it is solved exactly (qsweep.bench.synthetic_optima). A one-unit change from the baseline meets no
@@ -22,9 +22,9 @@ interaction (every other unit is protected), so the measured sensitivity table i
 interactions, as a real one is; ``proxy`` holds the cheap estimate a study starts from (``D`` with seeded
 multiplicative noise, costing ``proxy_cost_evals`` evaluations, like the one-pass Taylor proxy).
 
-:class:`ProblemSession` duck-types what the search phases need of an ``EvalSession`` (``score``,
-``baseline_size_bytes``, ``penalty``), returning real :class:`qsweep.score.PlanScore` records, so every qsweep
-method (Objective, run_phases, samplers, allocator, refine) runs on a problem unchanged.
+:class:`ProblemSession` implements what the search phases need of a session
+(:class:`qsweep.search.protocol.SearchSession`: ``score``, ``baseline_size_bytes``, ``penalty``), returning real :class:`qsweep.score.PlanScore` records, so every qsweep
+method (``phases.build_study`` and its phases: allocator, sampler, refine) runs on a problem unchanged.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import torch
 
 from qsweep.errors import QsweepError, read_json_file
 from qsweep.evaluate import EvalResult
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
@@ -153,10 +154,10 @@ class Problem:
         return self.fitness_of(self.sizes(X), self.delta_nll(X))
 
     def fitness_of(self, size: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        return self.baseline_bytes / np.asarray(size, float) - self.penalty * np.maximum(0.0, np.expm1(delta))
+        return fitness(self.baseline_bytes / np.asarray(size, float), np.expm1(delta), self.penalty)
 
     def ratio_points(self, size: np.ndarray, delta: np.ndarray) -> np.ndarray:
-        """(size ratio, perplexity ratio) of plans: qsweep.bench.hypervolume's coordinates. [n, 2]"""
+        """(size ratio, perplexity ratio) of plans: qsweep.search.front's coordinates. [n, 2]"""
         return np.stack(
             [np.asarray(size, float) / self.baseline_bytes, np.exp(np.asarray(delta, float))], axis=1
         )
@@ -267,7 +268,7 @@ def load_problems(path: str | Path) -> list[Problem]:
 
 
 class ProblemSession:
-    """What the search phases need of an ``EvalSession``, on a synthetic problem: ``score(plan, split)`` returns a
+    """A :class:`qsweep.search.protocol.SearchSession` on a synthetic problem: ``score(plan, split)`` returns a
     :class:`PlanScore` (one notional window, no interval), ``baseline_size_bytes``, ``penalty``; ``n_scored``
     counts the evaluations (every call, duplicates included: the Objective answers those itself)."""
 

@@ -5,9 +5,10 @@ The plan flows one way: space/sampler -> objective (score, record) -> study (sto
 """
 
 from qsweep.search.config import SearchConfig, search_config
+from qsweep.search.front import pareto_indices
 from qsweep.search.objective import Objective
 from qsweep.search.samplers import SAMPLERS, make_sampler
-from qsweep.search.select import Candidate, Verified, candidates, pareto_indices, verify
+from qsweep.search.select import Candidate, Verified, candidates, verify
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import open_storage, open_study, optimize
 

@@ -13,10 +13,10 @@ searchable unit and menu format, ``sum_f x[u, f] = 1``, ``sum sizes <= budget - 
 
 Rows with a non-finite delta (a one-unit plan that failed to evaluate) are never chosen. Fixed units (one format
 on the menu) add their bytes and delta. :func:`predicted_front` sweeps budgets evenly along the size axis;
-:func:`best_predicted_fitness` maximises the user's fitness ``baseline/size - penalty * max(0, degradation)``
+:func:`best_predicted_fitness` maximises the user's fitness (:func:`qsweep.metrics.fitness`)
 over all budgets, exactly, by a best-first branch and bound over size intervals: solving at an interval's top
-size ``hi`` gives a plan ``a`` and the least delta of every smaller plan, so ``baseline/lo - penalty *
-max(0, expm1(delta_a))`` bounds the fitness of the plans left in ``[lo, size_a)``, which is split in two until
+size ``hi`` gives a plan ``a`` and the least delta of every smaller plan, so the fitness of size ``lo`` and
+delta ``delta_a`` bounds the fitness of the plans left in ``[lo, size_a)``, which is split in two until
 every interval's bound is below the best plan found.
 """
 
@@ -36,11 +36,14 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from qsweep.errors import QsweepError
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
+from qsweep.search.front import nondominated
 from qsweep.search.sensitivity import SensitivityTable
 
 __all__ = [
+    "EXACT",
     "Allocation",
     "AllocationError",
+    "Allocator",
     "allocate",
     "best_predicted_fitness",
     "predicted_delta_nll",
@@ -85,7 +88,7 @@ class Allocation:
         return math.expm1(self.delta_nll)
 
     def fitness(self, baseline_bytes: int, penalty: float = 10.0) -> float:
-        """The user's fitness under the prediction: ``baseline/size - penalty * max(0, degradation)``."""
+        """The user's fitness (:func:`qsweep.metrics.fitness`) under the prediction."""
         return fitness(baseline_bytes / self.size_bytes, self.predicted_degradation, penalty)
 
 
@@ -229,11 +232,8 @@ def predicted_front(
         a = prob.solve(int(b))
         if a is not None and a.plan not in found:
             found[a.plan] = a
-    front: list[Allocation] = []
-    for a in sorted(found.values(), key=lambda a: (a.size_bytes, a.delta_nll)):
-        if not front or a.delta_nll < front[-1].delta_nll:
-            front.append(a)
-    return front
+    plans = list(found.values())
+    return [plans[i] for i in nondominated([(a.size_bytes, a.delta_nll) for a in plans])]
 
 
 def best_predicted_fitness(
@@ -243,7 +243,7 @@ def best_predicted_fitness(
     baseline_bytes: int,
     penalty: float = 10.0,
 ) -> Allocation:
-    """The plan of highest predicted fitness ``baseline_bytes/size - penalty * max(0, expm1(delta))`` over every
+    """The plan of highest predicted fitness (``metrics.fitness`` of ``baseline_bytes/size`` and ``expm1(delta)``) over every
     budget (exact under the additive model; see module docstring)."""
     prob = _Problem(table, space_choices, unit_sizes)
 
@@ -251,7 +251,7 @@ def best_predicted_fitness(
         return a.fitness(baseline_bytes, penalty)
 
     def bound(lo: int, delta: float) -> float:  # no plan of >= lo bytes and delta >= `delta` does better
-        return baseline_bytes / lo - penalty * max(0.0, math.expm1(delta))
+        return fitness(baseline_bytes / lo, math.expm1(delta), penalty)
 
     best: Allocation | None = None
     best_fit = -math.inf
@@ -277,3 +277,44 @@ def best_predicted_fitness(
     assert best is not None
     # the smallest plan with the winner's predicted delta (same or better fitness)
     return max(best, prob.solve(best.size_bytes) or best, key=fit)
+
+
+class Allocator:
+    """The allocator's two questions as one object that callers are handed (``warmstart.allocator_plans``,
+    ``phases.run_phases``): :func:`predicted_front` and :func:`best_predicted_fitness`.
+
+    With ``cache=True`` each question (table, menu, sizes and arguments) is solved once: a benchmark asks the same
+    ones for every method, seed and budget. Cached tables are held alive, so their ids stay unique; the answers
+    are the solver's, unchanged (it is deterministic)."""
+
+    def __init__(self, cache: bool = False):
+        self._memo: dict | None = {} if cache else None
+
+    def _ask(self, fn, table: SensitivityTable, choices: Mapping, sizes: Mapping, **kwargs):
+        if self._memo is None:
+            return fn(table, choices, sizes, **kwargs)
+        key = (fn.__name__, id(table), repr(sorted(choices.items())), repr(sorted(sizes.items())),
+               tuple(sorted(kwargs.items())))  # fmt: skip
+        if key not in self._memo:
+            self._memo[key] = (table, fn(table, choices, sizes, **kwargs))
+        return self._memo[key][1]
+
+    def predicted_front(
+        self, table: SensitivityTable, choices: Mapping, sizes: Mapping, n_points: int = 20, max_size=None
+    ) -> list[Allocation]:
+        return self._ask(predicted_front, table, choices, sizes, n_points=n_points, max_size=max_size)
+
+    def best_predicted_fitness(
+        self,
+        table: SensitivityTable,
+        choices: Mapping,
+        sizes: Mapping,
+        baseline_bytes: int,
+        penalty: float = 10.0,
+    ) -> Allocation:
+        return self._ask(
+            best_predicted_fitness, table, choices, sizes, baseline_bytes=baseline_bytes, penalty=penalty
+        )
+
+
+EXACT = Allocator()  # no cache: what a study uses

@@ -7,6 +7,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,9 +17,15 @@ from omegaconf.errors import OmegaConfBaseException
 from qsweep.errors import ConfigError, did_you_mean, first_line
 from qsweep.score import SIZE_METRICS
 
-__all__ = ["OBJECTIVES", "SearchConfig", "search_config"]
+__all__ = ["OBJECTIVES", "SIZE_METRIC_ALIASES", "SearchConfig", "search_config"]
+
+log = logging.getLogger("qsweep")
 
 OBJECTIVES = ("multi", "fitness")
+# Deprecated names of a size accounting (qsweep.score.SIZE_METRICS), accepted for one release with a warning: the
+# conf comments once called the seed's accounting ``model`` (after its record field ``model_size_bytes``).
+SIZE_METRIC_ALIASES = {"model": "seed"}
+CRITERIA = ("fitness", "hypervolume")  # what the refine step ranks by (qsweep.search.refine)
 SENSITIVITIES = ("proxy", "measured")
 
 
@@ -32,7 +39,7 @@ class SearchConfig:
     sampler_options: dict[str, Any] = field(default_factory=dict)
     study_name: str | None = None  # null: derived from model, data, eval, precision, search and seed
     enqueue: list[str] = field(default_factory=list)  # plan names from conf/plan, and/or "uniform"
-    size_metric: str = "packed"  # packed: codes + scales (honest); seed: the seed's numel x bits / 8
+    size_metric: str = "packed"  # packed: codes + scales (honest); seed: numel x bits / 8, no scales
     max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
     timeout_s: float | None = None
@@ -49,6 +56,12 @@ class SearchConfig:
     refine_trials: int | None = None
     # multi objective: the box [size ratio, perplexity ratio] (to the baseline) whose front the refine step fills
     front_box: list[float] = field(default_factory=lambda: [0.5, 1.2])
+    # the refine policy (qsweep.search.refine.RefinePolicy): a multi-objective study's criterion per turn, in a
+    # cycle (fitness | hypervolume); how many best plans a fitness turn moves from; how many plans of the
+    # allocator's front inside front_box a hypervolume turn may jump to
+    refine_schedule: list[str] = field(default_factory=lambda: ["fitness", "hypervolume", "hypervolume"])
+    refine_incumbents: int = 3
+    refine_jumps: int = 64
 
 
 def search_config(raw) -> SearchConfig:
@@ -71,6 +84,11 @@ def search_config(raw) -> SearchConfig:
             f"unknown search.objective {s.objective!r}{did_you_mean(s.objective, OBJECTIVES)}; "
             f"valid: {', '.join(OBJECTIVES)}"
         )
+    if s.size_metric in SIZE_METRIC_ALIASES:
+        new = SIZE_METRIC_ALIASES[s.size_metric]
+        log.warning("search.size_metric=%s is deprecated; use search.size_metric=%s (the same accounting)",
+                    s.size_metric, new)  # fmt: skip
+        s.size_metric = new
     if s.size_metric not in SIZE_METRICS:
         raise ConfigError(
             f"unknown search.size_metric {s.size_metric!r}{did_you_mean(s.size_metric, SIZE_METRICS)}; "
@@ -91,6 +109,17 @@ def search_config(raw) -> SearchConfig:
     if len(s.front_box) != 2 or not (0 < s.front_box[0] <= 1 < s.front_box[1]):
         raise ConfigError(
             f"search.front_box must be [max size ratio in (0, 1], max perplexity ratio > 1], got {s.front_box}"
+        )
+    bad = [c for c in s.refine_schedule if c not in CRITERIA]
+    if not s.refine_schedule or bad:
+        raise ConfigError(
+            f"search.refine_schedule must list criteria of {', '.join(CRITERIA)}, got {s.refine_schedule}"
+            f"{did_you_mean(bad[0], CRITERIA) if bad else ''}"
+        )
+    if s.refine_incumbents < 1 or s.refine_jumps < 0:
+        raise ConfigError(
+            f"search.refine_incumbents must be >= 1 and search.refine_jumps >= 0, got {s.refine_incumbents}, "
+            f"{s.refine_jumps}"
         )
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")

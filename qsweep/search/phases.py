@@ -1,4 +1,5 @@
-"""The phases of a search after its study is open: warm start, sampler, refine (shared by the app and benchmarks).
+"""A study built and run: :func:`build_study` (objective + sampler + study + enqueued reference plans) and its
+phases (warm start, sampler, refine), the one way the app, the benchmarks and the tests run a search.
 
 sensitivity table (stored in the study; a resume reuses it)   its cost, in full evaluations, is taken from
                                                               search.n_trials
@@ -11,29 +12,40 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 
 import optuna
 
 from qsweep.plan import Plan
-from qsweep.score import size_key
-from qsweep.search.allocate import predicted_delta_nll, predicted_front
+from qsweep.score import PlanScore, size_key
+from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
-from qsweep.search.objective import Objective
-from qsweep.search.refine import Measured, propose
+from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
+from qsweep.search.protocol import SearchSession, SensitivitySession
+from qsweep.search.refine import Measured, RefinePolicy
+from qsweep.search.samplers import make_sampler
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import count_done, enqueue_plans, optimize
 from qsweep.search.warmstart import allocator_plans
 
-__all__ = ["interactions", "new_sensitivity", "run_phases", "stored_or_new_sensitivity"]
+__all__ = [
+    "StudyRun",
+    "build_study",
+    "in_memory_study",
+    "interactions",
+    "new_sensitivity",
+    "run_phases",
+    "stored_or_new_sensitivity",
+]
 
 log = logging.getLogger("qsweep")
 
 
 def new_sensitivity(
-    session,
+    session: SensitivitySession,
     space: SearchSpace,
     kind: str,
     split: str,
@@ -62,7 +74,12 @@ def new_sensitivity(
 
 
 def stored_or_new_sensitivity(
-    study: optuna.Study, session, space: SearchSpace, kind: str, split: str, tokens: int | None = None
+    study: optuna.Study,
+    session: SensitivitySession,
+    space: SearchSpace,
+    kind: str,
+    split: str,
+    tokens: int | None = None,
 ) -> SensitivityTable:
     """The study's stored sensitivity table (a resume reuses it), or a new one, stored in the study."""
     stored = study.user_attrs.get("sensitivity")
@@ -86,40 +103,25 @@ def _measured(trials, metric: str) -> list[Measured]:
     ]
 
 
-def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable, session,
-            search: SearchConfig, budget: int) -> None:  # fmt: skip
-    """Measured local search (qsweep.search.refine) until ``budget`` trials are done. A multi-objective study
-    cycles its criterion: best fitness, then twice the front's hypervolume in ``search.front_box`` (local moves
-    from the front, or a jump to a plan of the allocator's predicted front inside the box); when one criterion has
-    nothing to propose, the other is used."""
-    metric = search.size_metric
+def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable,
+            policy: RefinePolicy, metric: str, budget: int, allocator: Allocator) -> None:  # fmt: skip
+    """Measured local search until ``budget`` trials are done: each turn evaluates the proposal of ``policy``
+    (qsweep.search.refine.RefinePolicy: its schedule of criteria, candidates and ranking) and records it."""
     sizes = table.unit_sizes(metric)
     start = count_done(study)
-    jumps = []  # the hypervolume criterion may also jump to a plan of the allocator's front inside the box
-    if objective.kind == "multi":
-        top = int(search.front_box[0] * session.baseline_size_bytes)
-        jumps = [a.plan for a in predicted_front(table, space.choices, sizes, n_points=64, max_size=top)]
+    jumps = policy.jump_plans(table, space, sizes, allocator)
     while count_done(study) < budget:
         k = sum(
             t.user_attrs.get("enqueued_as", "").startswith("refine:")
             for t in study.get_trials(deepcopy=False)
         )
-        measured = _measured(study.get_trials(deepcopy=False), metric)
-        # one turn in three by fitness, two by hypervolume: the best plan stops improving long before the front fills
-        criteria = ["fitness"]
-        if objective.kind == "multi":
-            criteria = ["fitness", "hypervolume"] if k % 3 == 0 else ["hypervolume", "fitness"]
-        props = []
-        for criterion in criteria:
-            props = propose(measured, table, space, sizes, baseline_bytes=session.baseline_size_bytes,
-                            penalty=session.penalty, criterion=criterion, box=search.front_box,
-                            jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
-            if props:
-                break
-        if not props:
+        found = policy.next(
+            k, _measured(study.get_trials(deepcopy=False), metric), table, space, sizes, jumps
+        )
+        if found is None:
             log.info("refine: no unmeasured neighbour left")
             return
-        p = props[0]
+        p, criterion = found
         enqueue_plans(study, {f"refine:{k}": space.params_of(p.plan)},
                       {f"refine:{k}": {"predicted_fitness": p.predicted_fitness, "refine_criterion": criterion}})  # fmt: skip
         optimize(study, objective, count_done(study) + 1, progress=False)
@@ -150,14 +152,15 @@ def run_phases(
     study: optuna.Study,
     objective: Objective,
     space: SearchSpace,
-    session,
+    session: SearchSession,
     search: SearchConfig,
     table: SensitivityTable | None,
     reference: Collection[Plan] = (),
+    allocator: Allocator = EXACT,
 ) -> int:
     """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
     (``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as references (uniform,
-    named): the allocator skips them. Its plans depend only on the table and these, so a resume asks for the same
+    named): the allocator skips them; ``allocator`` answers the knapsack questions (a benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the same
     plans under the same labels."""
     if table is None:
         optimize(study, objective, search.n_trials, search.timeout_s)
@@ -165,7 +168,7 @@ def run_phases(
     budget = max(1, search.n_trials - math.ceil(table.cost_evals))
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                              baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,
-                             exclude=set(reference))  # fmt: skip
+                             exclude=set(reference), allocator=allocator)  # fmt: skip
     enqueue_plans(study, {k: space.params_of(a.plan) for k, a in allocs.items()},
                   {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
                    for k, a in allocs.items()})  # fmt: skip
@@ -175,5 +178,58 @@ def run_phases(
     refine = search.refine_trials if search.refine_trials is not None else left // 2
     optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
     if refine:
-        _refine(study, objective, space, table, session, search, budget)
+        policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
+        _refine(study, objective, space, table, policy, search.size_metric, budget, allocator)
     return budget
+
+
+OpenStudy = Callable[[optuna.samplers.BaseSampler, Objective, dict[str, dict]], optuna.Study]
+
+
+def in_memory_study(
+    sampler: optuna.samplers.BaseSampler, objective: Objective, enqueue: dict[str, dict]
+) -> optuna.Study:
+    """A new study in memory with ``enqueue`` (label -> params) enqueued: what benchmarks and tests run."""
+    study = optuna.create_study(directions=objective.directions, sampler=sampler)
+    enqueue_plans(study, enqueue)
+    return study
+
+
+@dataclass
+class StudyRun:
+    """A study ready to run (:func:`build_study`): :meth:`run` runs its phases (:func:`run_phases`)."""
+
+    study: optuna.Study
+    objective: Objective
+    space: SearchSpace
+    search: SearchConfig
+    reference: dict[str, Plan] = field(default_factory=dict)
+
+    def run(
+        self, session: SearchSession, table: SensitivityTable | None, allocator: Allocator = EXACT
+    ) -> int:
+        return run_phases(self.study, self.objective, self.space, session, self.search, table,
+                          reference=self.reference.values(), allocator=allocator)  # fmt: skip
+
+
+def build_study(
+    space: SearchSpace,
+    score: Callable[[Plan], PlanScore],
+    search: SearchConfig,
+    *,
+    seed: int | None = None,
+    reference: Mapping[str, Plan] = (),
+    open_study: OpenStudy = in_memory_study,
+) -> StudyRun:
+    """The objective (``score`` under ``search.objective``, ``size_metric``, ``max_degradation``), the sampler
+    (``search.sampler`` seeded with ``seed``, default ``search.seed``), and the study ``open_study(sampler,
+    objective, params by label of the reference plans)`` returns (default: a new one in memory; the app opens its
+    storage), whose finished trials the objective then knows (a duplicate plan is answered from the study)."""
+    objective = Objective(space, score, kind=search.objective, size_metric=search.size_metric,
+                          max_degradation=search.max_degradation)  # fmt: skip
+    sampler = make_sampler(search.sampler, search.seed if seed is None else seed, search.sampler_options,
+                           None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
+    reference = dict(reference)
+    study = open_study(sampler, objective, {k: space.params_of(p) for k, p in reference.items()})
+    objective.remember(study.get_trials(deepcopy=False))
+    return StudyRun(study, objective, space, search, reference)

@@ -23,8 +23,11 @@ it alone finds nothing; refining blind costs an evaluation per move. This step d
     *every* member of the measured front inside ``search.front_box``, ranked by the hypervolume their predicted
     point would add to the measured front (:mod:`qsweep.search.front`): the step fills the front's widest gaps,
     where the additive model says a plan should exist, instead of polishing one point.
-The app evaluates the top proposal, records it in the study, and asks again, so each measurement moves the anchor
-and the calibration (qsweep.app.run_search, ``search.refine_trials``).
+:class:`RefinePolicy` is the step's one owner: its schedule of criteria (``search.refine_schedule``, with the
+other criterion as the fallback of a turn that has nothing to propose), its candidates (``search.refine_incumbents``
+incumbents, and ``search.refine_jumps`` plans of the allocator's front as jumps) and its ranking (:func:`propose`).
+The search phases (:func:`qsweep.search.phases.run_phases`, ``search.refine_trials`` turns) evaluate the policy's
+proposal, record it in the study and ask again, so each measurement moves the anchor and the calibration.
 """
 
 from __future__ import annotations
@@ -35,15 +38,24 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qsweep.metrics import compression, fitness
 from qsweep.plan import Plan
-from qsweep.search.allocate import predicted_delta_nll
+from qsweep.search.allocate import Allocator, predicted_delta_nll
+from qsweep.search.config import CRITERIA
 from qsweep.search.front import hypervolume_gain, staircase
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
 
-__all__ = ["CRITERIA", "POWER_RANGE", "Calibration", "Measured", "Proposal", "calibration", "propose"]
-
-CRITERIA = ("fitness", "hypervolume")
+__all__ = [
+    "CRITERIA",
+    "POWER_RANGE",
+    "Calibration",
+    "Measured",
+    "Proposal",
+    "RefinePolicy",
+    "calibration",
+    "propose",
+]
 
 
 @dataclass(frozen=True)
@@ -95,7 +107,7 @@ def calibration(measured: Sequence[Measured], table: SensitivityTable) -> Calibr
 
 def _fitness(baseline_bytes: int, size: np.ndarray, delta: np.ndarray, penalty: float) -> np.ndarray:
     with np.errstate(divide="ignore", over="ignore"):  # masked entries (same-unit pairs) may be degenerate
-        return baseline_bytes / size - penalty * np.maximum(0.0, np.expm1(delta))
+        return fitness(compression(baseline_bytes, size), np.expm1(delta), penalty)
 
 
 def propose(
@@ -225,3 +237,60 @@ def _neighbours(inc: Measured, table, space, sizes, g: Calibration, value, fitne
             Proposal(plan, d, s, float(fitness(np.array(s, float), np.array(d))), inc.plan, float(v))
         )
     return found
+
+
+@dataclass(frozen=True)
+class RefinePolicy:
+    """The refine step's schedule, candidates and ranking (module docstring); its knobs are ``search.refine_*``.
+
+    ``multi``: a multi-objective study turns through ``schedule``; a single-objective one ranks by fitness only."""
+
+    baseline_bytes: int
+    penalty: float
+    multi: bool
+    schedule: tuple[str, ...] = ("fitness", "hypervolume", "hypervolume")
+    incumbents: int = 3
+    jumps: int = 64
+    box: tuple[float, float] = (0.5, 1.2)
+
+    @classmethod
+    def of(cls, search, baseline_bytes: int, penalty: float) -> RefinePolicy:
+        """The policy of a validated search config (``qsweep.search.config.SearchConfig``)."""
+        return cls(baseline_bytes, penalty, search.objective == "multi", tuple(search.refine_schedule),
+                   search.refine_incumbents, search.refine_jumps, tuple(search.front_box))  # fmt: skip
+
+    def criteria(self, turn: int) -> list[str]:
+        """Turn ``turn``'s criteria in order: the schedule's, then the other as the fallback."""
+        if not self.multi:
+            return ["fitness"]
+        first = self.schedule[turn % len(self.schedule)]
+        return [first, *(c for c in CRITERIA if c != first)]
+
+    def jump_plans(
+        self, table: SensitivityTable, space: SearchSpace, sizes: Mapping, allocator: Allocator
+    ) -> list[Plan]:
+        """The allocator's predicted front inside the box (multi-objective only): where the hypervolume criterion
+        may jump."""
+        if not self.multi or self.jumps < 1:
+            return []
+        top = int(self.box[0] * self.baseline_bytes)
+        front = allocator.predicted_front(table, space.choices, sizes, n_points=self.jumps, max_size=top)
+        return [a.plan for a in front]
+
+    def next(
+        self,
+        turn: int,
+        measured: Sequence[Measured],
+        table: SensitivityTable,
+        space: SearchSpace,
+        sizes: Mapping[str, Mapping[str, int]],
+        jumps: Sequence[Plan] = (),
+    ) -> tuple[Proposal, str] | None:
+        """The proposal of turn ``turn`` and the criterion that ranked it; None when no criterion has one."""
+        for criterion in self.criteria(turn):
+            props = propose(measured, table, space, sizes, baseline_bytes=self.baseline_bytes, penalty=self.penalty,
+                            n_incumbents=self.incumbents, criterion=criterion, box=self.box,
+                            jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
+            if props:
+                return props[0], criterion
+        return None

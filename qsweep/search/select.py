@@ -20,8 +20,10 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from qsweep.evaluate import EvalResult
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore, size_key
+from qsweep.search.front import pareto_indices
 from qsweep.search.objective import is_feasible
 
 __all__ = [
@@ -30,7 +32,6 @@ __all__ = [
     "candidates",
     "evaluated_trials",
     "paired_fitness_difference",
-    "pareto_indices",
     "verify",
 ]
 
@@ -69,21 +70,6 @@ def evaluated_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
             seen.add(a["plan_digest"])
             out.append(t)
     return out
-
-
-def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
-    """Indices of the non-dominated points (every coordinate minimised); ties: the first of equal points wins."""
-    keep = []
-    for i, p in enumerate(points):
-        dominated = False
-        for j, q in enumerate(points):
-            no_worse = all(b <= a for a, b in zip(p, q, strict=True))
-            if j != i and no_worse and (any(b < a for a, b in zip(p, q, strict=True)) or j < i):
-                dominated = True
-                break
-        if not dominated:
-            keep.append(i)
-    return keep
 
 
 def candidates(
@@ -136,9 +122,9 @@ def paired_fitness_difference(
     sums = counts @ nll.T  # [n_boot, 3]
     toks = counts @ tokens  # [n_boot]
     ppl = torch.exp(sums / toks[:, None])
-    deg = (ppl[:, :2] / ppl[:, 2:3] - 1).clamp(min=0)  # [n_boot, 2]
+    deg = ppl[:, :2] / ppl[:, 2:3] - 1  # [n_boot, 2]; the fitness clips it at 0
     comp = torch.tensor([a.compression(metric), b.compression(metric)], dtype=torch.float64)
-    diff = (comp - a.penalty * deg) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
+    diff = fitness(comp, deg, a.penalty) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
     point = (a.fitness(metric) or 0.0) - (b.fitness(metric) or 0.0)
     lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point, lo, hi

@@ -3,7 +3,7 @@
 One record type for both kinds of table (``measured`` and ``proxy``; see qsweep.search.sensitivity, which computes
 them and re-exports these names). A row holds ``delta_nll_per_token`` (mean per-token log-perplexity change vs the
 base plan; ``inf`` for a plan that failed to evaluate, written as null), ``degradation = expm1(delta)`` and the
-unit's bytes in that format under both accountings (``model_size_bytes``: the seed's numel x bits / 8;
+unit's bytes in that format under both accountings (``model_size_bytes``: ``seed``, numel x bits / 8;
 ``packed_size_bytes``: codes plus scales). A table carries its split, token count, base perplexity and cost (wall
 time in full evaluations of the split), and saves to a versioned JSON file that :meth:`SensitivityTable.load`
 reads back exactly.
@@ -124,7 +124,7 @@ class SensitivityTable:
         return {u: tuple(f) for u, f in out.items()}
 
     def unit_sizes(self, metric: str = "packed") -> dict[str, dict[str, int]]:
-        """unit -> format -> bytes (``packed`` or ``model`` accounting), for the allocator."""
+        """unit -> format -> bytes (``packed`` or ``seed`` accounting), for the allocator."""
         out: dict[str, dict[str, int]] = {}
         for r in self.rows:
             out.setdefault(r.unit, {})[r.format] = r.size_bytes(metric)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 
 from qsweep.plan import Plan
-from qsweep.search.allocate import Allocation, best_predicted_fitness, predicted_front
+from qsweep.search.allocate import EXACT, Allocation, Allocator
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
 
@@ -37,14 +37,15 @@ def allocator_plans(
     penalty: float,
     n_plans: int,
     exclude: set[Plan] = frozenset(),
+    allocator: Allocator = EXACT,
 ) -> dict[str, Allocation]:
     """Up to ``n_plans`` allocator plans by label (module docstring); plans in ``exclude`` (e.g. the uniform plans
-    already enqueued) are skipped."""
+    already enqueued) are skipped; ``allocator`` answers the knapsack questions (a benchmark's caches them)."""
     if n_plans <= 0:
         return {}
     sizes = table.unit_sizes(size_metric)
-    front = predicted_front(table, space.choices, sizes, n_points=min(max(4 * n_plans, 24), 64))
-    best = best_predicted_fitness(table, space.choices, sizes, baseline_bytes, penalty)
+    front = allocator.predicted_front(table, space.choices, sizes, n_points=min(max(4 * n_plans, 24), 64))
+    best = allocator.best_predicted_fitness(table, space.choices, sizes, baseline_bytes, penalty)
     chosen: list[Allocation] = [best]
     # the best's neighbours on the front (which predicted_front returns sorted by size)
     smaller = [a for a in front if a.size_bytes < best.size_bytes]
