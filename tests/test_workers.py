@@ -3,6 +3,7 @@ guarded, storage errors in one line without the password. PostgreSQL tests start
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -28,6 +29,10 @@ from qsweep.workers import worker_commands
 
 needs_pg = pytest.mark.skipif(
     pg_bin_dir() is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"
+)
+needs_psycopg2 = pytest.mark.skipif(
+    importlib.util.find_spec("psycopg2") is None,
+    reason='needs psycopg2 (the postgres extra): pip install -e ".[postgres]"',
 )
 FORK = multiprocessing.get_context("fork")
 PLANS = {f"plan:{c}": {"x": c} for c in "abcdef"}
@@ -156,9 +161,9 @@ def test_a_worker_index_with_the_run_dirs_sqlite_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+psycopg2://u:***@"
-         "127.0.0.1:1/db' (OperationalError: (psycopg2.OperationalError) connection to server at \"127.0.0.1\", "
-         "port 1 failed: Connection refused)"),
+        pytest.param("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+psycopg2"
+                     "://u:***@127.0.0.1:1/db' (OperationalError: (psycopg2.OperationalError) connection to server at "
+                     "\"127.0.0.1\", port 1 failed: Connection refused)", marks=needs_psycopg2),
         ("postgresql+pg8000://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+pg8000://u:***@"
          "127.0.0.1:1/db': the database driver 'pg8000' is not installed (pip install pg8000)"),
     ],
@@ -192,6 +197,7 @@ def test_the_launcher_gives_each_worker_an_index_a_run_dir_and_a_shared_journal(
 
 
 @needs_pg
+@needs_psycopg2
 @pytest.mark.slow
 def test_four_postgres_workers_starting_at_once_create_the_schema_and_plans_once(pg_url):
     study = _run_workers(pg_url, 4, 16)  # a fresh database: the schema is created by one of them
@@ -199,6 +205,7 @@ def test_four_postgres_workers_starting_at_once_create_the_schema_and_plans_once
 
 
 @needs_pg
+@needs_psycopg2
 @pytest.mark.slow
 def test_a_wrong_password_is_one_line_without_it(pg_url, tmp_path):
     url = pg_url.replace(PASSWORD, "wrong-pw")
@@ -224,6 +231,7 @@ def test_a_wrong_password_is_one_line_without_it(pg_url, tmp_path):
 
 
 @needs_pg
+@needs_psycopg2
 @pytest.mark.slow
 def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trials(pg_url, tmp_path):
     """4 workers x 40 trials through the launcher; worker 3 is SIGKILLed mid-trial: its trial is failed once its
