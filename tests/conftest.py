@@ -36,6 +36,23 @@ def bundled_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("bundled-cache")
 
 
+def extra_marks(missing: str | None) -> list:
+    """Marks of a test that needs an optional extra: ``extras`` (.ci/run runs these again once the extras are
+    installed) and a skip when ``missing`` (why, naming the extra: 'pip install -e ".[export]"') is not None."""
+    return [pytest.mark.extras, pytest.mark.skipif(missing is not None, reason=str(missing))]
+
+
+def needs_extra(missing: str | None):
+    """:func:`extra_marks` as a decorator."""
+
+    def mark(fn):
+        for m in extra_marks(missing):
+            fn = m(fn)
+        return fn
+
+    return mark
+
+
 def model_cfg(name: str, **overrides) -> dict:
     cfg = yaml.safe_load((CONF / "model" / f"{name}.yaml").read_text())
     cfg.update(overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, model_cfg, tiny_model
+from conftest import ROOT, model_cfg, needs_extra, tiny_model
 from test_cli import run_qsweep, tiny_overrides
 
 from qsweep.apply import apply_plan_
@@ -23,16 +23,16 @@ from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.plan import Plan, PlanSpec
 from qsweep.size import packed_size_bytes
 
-try:  # the export extra: tests that write or read GGUF files skip without it, naming the extra
+try:  # the export extra: without it, the tests that need it skip, naming the extra
     import gguf
 except ImportError:
     gguf = None
 EXTRA = 'pip install -e ".[export]"'
-needs_gguf = pytest.mark.skipif(gguf is None, reason=f"needs gguf-py (the export extra): {EXTRA}")
+needs_gguf = needs_extra(None if gguf else f"needs gguf-py (the export extra): {EXTRA}")
+needs_llama = needs_extra(llama_cpp_missing())
 
 GGUF_NATIVE = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
-needs_llama = pytest.mark.skipif(llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))
 
 
 def _hard_weights() -> torch.Tensor:
@@ -213,6 +213,7 @@ def _compressed_plan(table, arch: str) -> Plan:
     return PlanSpec.from_dict(spec).resolve(table)
 
 
+@pytest.mark.extras  # compressed-tensors, below
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_compressed_tensors_export_loads_in_transformers_with_the_simulated_weights(arch, tmp_path):
     pytest.importorskip("compressed_tensors", reason=f"needs compressed-tensors (the export extra): {EXTRA}")
@@ -238,6 +239,7 @@ def test_compressed_tensors_export_loads_in_transformers_with_the_simulated_weig
     assert ev.evaluate(loaded).nll_sum == ev.evaluate(reference).nll_sum  # same weights, same kernels: exact
 
 
+@pytest.mark.extras  # compressed-tensors, below
 def test_compressed_tensors_refusals_name_the_unit(tmp_path):
     pytest.importorskip("compressed_tensors", reason=f"needs compressed-tensors (the export extra): {EXTRA}")
     from qsweep.export.compressed import read_compressed, write_compressed
