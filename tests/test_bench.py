@@ -119,3 +119,20 @@ def test_bench_search_prints_the_methods_table(capsys, bundled_cache, unpatched_
         assert ci_lo <= float(test) <= ci_hi
         assert math.isnan(float(r[3])) and r[5] == "-" and r[6] == "- / -"  # no reference
         assert r[7] in ("0/1", "1/1")
+
+
+def test_every_benchmark_the_readme_quotes_has_a_smoke_test():
+    """Each ``python -m qsweep.bench.NAME`` the README names is run, through its ``main``, by a test."""
+    import re
+
+    from conftest import ROOT
+
+    named = set(re.findall(r"python\s+-m\s+qsweep\.bench\.(\w+)", (ROOT / "README.md").read_text()))
+    assert {"search", "evaluate", "synthetic", "reference"} <= named
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for name in sorted(named):
+        direct = re.search(rf"from qsweep\.bench\.{name} import [^\n]*\bmain\b", tests)
+        alias = re.search(rf"from qsweep\.bench import {name} as (\w+)", tests)
+        assert direct or (alias and f"{alias.group(1)}.main(" in tests), (
+            f"no test runs qsweep.bench.{name}.main"
+        )
