@@ -14,16 +14,43 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 
-def compose_config(*overrides, tmp_path):
-    """The real config (conf/), composed as ``python -m qsweep`` would with ``overrides``; caches under tmp_path."""
+def compose_config(*overrides, tmp_path, cache_dir=None):
+    """The real config (conf/), composed as ``python -m qsweep`` would with ``overrides``; caches under
+    ``cache_dir`` (default: tmp_path/cache)."""
     from hydra import compose, initialize_config_dir
 
     from qsweep.config import register_configs
     from qsweep.paths import config_dir
 
     register_configs()
+    cache = cache_dir or tmp_path / "cache"
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=[f"data.cache_dir={tmp_path / 'cache'}", *overrides])
+        return compose("config", overrides=[f"data.cache_dir={cache}", *overrides])
+
+
+@pytest.fixture(scope="session")
+def bundled_cache(tmp_path_factory) -> Path:
+    """One token and corpus cache (data.cache_dir / QSWEEP_CACHE) for the tests that read the bundled corpus and
+    test nothing about caching: building the corpus from the standard library takes about 20 s on 2 cores, paid
+    once per session instead of once per test. Tests of the cache itself use their own directory."""
+    return tmp_path_factory.mktemp("bundled-cache")
+
+
+def extra_marks(missing: str | None) -> list:
+    """Marks of a test that needs an optional extra: ``extras`` (.ci/run runs these again once the extras are
+    installed) and a skip when ``missing`` (why, naming the extra: 'pip install -e ".[export]"') is not None."""
+    return [pytest.mark.extras, pytest.mark.skipif(missing is not None, reason=str(missing))]
+
+
+def needs_extra(missing: str | None):
+    """:func:`extra_marks` as a decorator."""
+
+    def mark(fn):
+        for m in extra_marks(missing):
+            fn = m(fn)
+        return fn
+
+    return mark
 
 
 def model_cfg(name: str, **overrides) -> dict:

@@ -54,6 +54,7 @@ def test_ids():
     return torch.tensor(load_tokenizer({"path": TINY})(text, verbose=False)["input_ids"])
 
 
+@pytest.mark.slow  # the whole test split (26,777 tokens) through the bundled model: about 6 s on 2 idle cores
 def test_stated_test_perplexity_reproduces_to_4_significant_digits(test_ids):
     model = load_model({"path": TINY})
     ctx = CARD["protocol"]["context"]

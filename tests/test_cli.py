@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, model_cfg
-from hydra import compose, initialize_config_dir
+from conftest import ROOT, compose_config, model_cfg
 
+from qsweep.__main__ import USER_ERRORS, error_line
+from qsweep.app import evaluate_one
 from qsweep.apply import apply_plan_
-from qsweep.config import register_configs
 from qsweep.evaluate import Evaluator
 from qsweep.model import load_model, load_tokenizer, unit_table
-from qsweep.paths import config_dir
 from qsweep.plan import Plan
 from qsweep.session import EvalSession
 
@@ -41,6 +40,24 @@ def run_qsweep(*overrides, tmp_path, check=True):
 
 def last_json_line(proc) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def evaluate_in_process(*overrides, tmp_path) -> dict:
+    """What ``python -m qsweep OVERRIDES`` prints as its JSON line, computed in this process: the composed config
+    through :func:`qsweep.app.evaluate_one`, as qsweep.__main__ calls it, without a new interpreter importing
+    torch, transformers and Hydra (about 5 s per run on 2 cores). The subprocess tests keep the JSON line and the
+    exit status honest."""
+    out = tmp_path / "run"
+    out.mkdir(exist_ok=True)
+    return evaluate_one(compose_config(*overrides, tmp_path=tmp_path), out)
+
+
+def user_error_of(*overrides, tmp_path) -> str:
+    """The one line ``python -m qsweep OVERRIDES`` prints before exiting with status 2 (qsweep.__main__: a
+    USER_ERRORS exception, printed by error_line), computed in this process."""
+    with pytest.raises(USER_ERRORS) as err:
+        evaluate_in_process(*overrides, tmp_path=tmp_path)
+    return error_line(err.value)
 
 
 def tiny_overrides(tiny_dirs):
@@ -79,12 +96,13 @@ def test_one_json_line_with_the_contract_keys(int8_run):
     assert (1 + lo) * (1 + hi) == pytest.approx((1 + row["degradation"]) ** 2, rel=1e-9)
 
 
+# A whole split through a new interpreter: slow. In the fast suite, test_degradation_is_paired_against_a_real_fp16_
+# evaluation checks the CLI's JSON line against a computation outside the CLI too.
+@pytest.mark.slow
 def test_cli_number_equals_the_library(tmp_path, tiny_dirs):
     overrides = [*tiny_overrides(tiny_dirs), "plan=attn0_mlp123", "split=validation"]
     row = last_json_line(run_qsweep(*overrides, tmp_path=tmp_path))
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = compose_config(*overrides, tmp_path=tmp_path)
     session = EvalSession(cfg)
     score = session.score(session.resolve_plan(cfg.plan), "validation")
     assert row["perplexity"] == score.perplexity and row["eval_tokens"] == score.result.n_tokens
@@ -115,8 +133,8 @@ def test_degradation_is_paired_against_a_real_fp16_evaluation(tmp_path, tiny_dir
     # the same plan as the baseline, written differently (a seed plan file: every parameter 16 bits)
     plan = tmp_path / "all16.json"
     plan.write_text(json.dumps({"transformer": 16}))
-    row = last_json_line(run_qsweep(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "eval.max_tokens=300",
-                                    tmp_path=tmp_path))  # fmt: skip
+    row = evaluate_in_process(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "eval.max_tokens=300",
+                              tmp_path=tmp_path)  # fmt: skip
     assert row["perplexity"] == pytest.approx(fp16, rel=1e-12) and row["degradation"] == 0.0
     assert row["compression_seed"] == row["compression_packed"] == 1.0
     assert row["degradation_ci95_low"] == row["degradation_ci95_high"] == 0.0
@@ -125,35 +143,51 @@ def test_degradation_is_paired_against_a_real_fp16_evaluation(tmp_path, tiny_dir
 def test_plan_file_and_pinned_baseline(tmp_path, tiny_dirs):
     plan = tmp_path / "seed.json"
     plan.write_text(json.dumps({"mlp": 4, "attn": 8, "wte": 16}))
-    proc = run_qsweep(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "baseline.perplexity=100.0",
-                      "baseline.size_bytes=1000000", tmp_path=tmp_path)  # fmt: skip
-    row = last_json_line(proc)
+    row = evaluate_in_process(*tiny_overrides(tiny_dirs), f"plan_file={plan}", "baseline.perplexity=100.0",
+                              "baseline.size_bytes=1000000", tmp_path=tmp_path)  # fmt: skip
     assert row["baseline_perplexity"] == 100.0 and row["baseline_size_bytes"] == 1_000_000
     assert set(row["bit_histogram"]) == {"int4", "int8", "fp16", "fp32"}  # wpe and LayerNorms unmatched: fp32
     assert row["degradation_ci95_low"] is None and row["degradation_ci95_high"] is None  # no paired baseline
 
 
-@pytest.mark.parametrize(("override", "message"), [
+BAD_INPUT = [
     ("plan_file=/nonexistent/p.yaml", "qsweep: error: plan file '/nonexistent/p.yaml': cannot be read"),
     ("model.granularity=blocks", "qsweep: error: unknown model.granularity 'blocks'"),
     ("eval.dtype=int8", "qsweep: error: unknown eval.dtype 'int8'; valid: auto, fp32, bf16, fp16"),
     ("eval.stride=64", r"qsweep: error: eval.stride must be in [1, context=32], got 64"),
-])  # fmt: skip
-def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):
+]
+
+
+def test_bad_input_is_one_error_line_and_exit_status_2(tmp_path, tiny_dirs):
+    """The contract end to end, through a real ``python -m qsweep`` (the other cases run in-process, below)."""
+    override, message = BAD_INPUT[0]
     proc = run_qsweep(*tiny_overrides(tiny_dirs), override, tmp_path=tmp_path, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
 
 
+@pytest.mark.parametrize(("override", "message"), BAD_INPUT)
+def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):
+    # a USER_ERRORS exception is what qsweep.__main__ turns into exit status 2, printing error_line(err) last
+    assert user_error_of(*tiny_overrides(tiny_dirs), override, tmp_path=tmp_path).startswith(message)
+
+
 def test_unknown_config_key_is_rejected(tmp_path, tiny_dirs):
-    proc = run_qsweep(*tiny_overrides(tiny_dirs), "eval.contxt=3", tmp_path=tmp_path, check=False)
-    assert proc.returncode != 0 and "contxt" in proc.stderr
+    # Hydra refuses it while composing, before qsweep runs (the CLI prints Hydra's message and exits with status 1)
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="contxt"):
+        compose_config(*tiny_overrides(tiny_dirs), "eval.contxt=3", tmp_path=tmp_path)
 
 
-def test_offline_hub_model_names_the_fix(tmp_path):
-    proc = run_qsweep("model=gpt2", "data=text", f"data.path={tmp_path}", tmp_path=tmp_path, check=False)
-    assert proc.returncode == 2
-    assert "pass a local copy with model.path=DIR" in proc.stderr.strip().splitlines()[-1]
+def test_offline_hub_model_names_the_fix(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(
+        constants, "HF_HUB_OFFLINE", True
+    )  # what HF_HUB_OFFLINE=1 sets as the hub is imported
+    line = user_error_of("model=gpt2", "data=text", f"data.path={tmp_path}", tmp_path=tmp_path)
+    assert "pass a local copy with model.path=DIR" in line
 
 
 def test_help_describes_the_tool_not_hydra():

@@ -10,24 +10,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, model_cfg, tiny_model
+from conftest import ROOT, model_cfg, needs_extra, tiny_model
 from test_cli import run_qsweep, tiny_overrides
 
 from qsweep.apply import apply_plan_
 from qsweep.evaluate import Evaluator
 from qsweep.export.common import ExportError, verify_tensors
+from qsweep.export.gguf import GGUF_ACCEPTS, read_gguf, write_gguf
 from qsweep.export.runtime import gguf_perplexity, llama_cpp_missing
 from qsweep.formats import get_format
 from qsweep.model import load_model, load_tokenizer, unit_table
 from qsweep.plan import Plan, PlanSpec
 from qsweep.size import packed_size_bytes
 
-gguf = pytest.importorskip("gguf", reason='the export tests need gguf-py: pip install -e ".[export]"')
-from qsweep.export.gguf import GGUF_ACCEPTS, read_gguf, write_gguf  # noqa: E402
+try:  # the export extra: without it, the tests that need it skip, naming the extra
+    import gguf
+except ImportError:
+    gguf = None
+EXTRA = 'pip install -e ".[export]"'
+needs_gguf = needs_extra(None if gguf else f"needs gguf-py (the export extra): {EXTRA}")
+needs_llama = needs_extra(llama_cpp_missing())
 
 GGUF_NATIVE = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 BLOCK_BYTES = {"q8_0": 34, "q4_0": 18, "q4_1": 20, "q5_0": 22, "q5_1": 24}
-needs_llama = pytest.mark.skipif(llama_cpp_missing() is not None, reason=str(llama_cpp_missing()))
 
 
 def _hard_weights() -> torch.Tensor:
@@ -49,6 +54,7 @@ def _gguf_roundtrip(w: np.ndarray, name: str) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, t), t)
 
 
+@needs_gguf
 @pytest.mark.parametrize("name", GGUF_NATIVE)
 def test_gguf_formats_are_gguf_py_bit_for_bit(name):
     fmt, w = get_format(name), _hard_weights()
@@ -101,6 +107,7 @@ def mixed_export(bundled, tmp_path_factory):
     return plan, write_gguf(model, tok, table, plan, tmp_path_factory.mktemp("gguf") / "mixed.gguf")
 
 
+@needs_gguf
 def test_gguf_export_dequantizes_to_the_simulated_weights_unit_by_unit(bundled, mixed_export):
     model, _, table = bundled
     plan, result = mixed_export
@@ -117,6 +124,7 @@ def test_gguf_export_dequantizes_to_the_simulated_weights_unit_by_unit(bundled, 
     assert "lm_head.weight" not in back.tensors
 
 
+@needs_gguf
 def test_gguf_tensor_bytes_equal_the_predicted_packed_size(bundled, mixed_export):
     _, _, table = bundled
     plan, result = mixed_export
@@ -134,6 +142,7 @@ def test_gguf_tensor_bytes_equal_the_predicted_packed_size(bundled, mixed_export
     )
 
 
+@needs_gguf
 def test_uniform_q4_0_file_is_the_predicted_size_plus_metadata(bundled, tmp_path):
     model, tok, table = bundled
     plan = Plan.uniform(table, "q4_0")
@@ -146,6 +155,7 @@ def test_uniform_q4_0_file_is_the_predicted_size_plus_metadata(bundled, tmp_path
     )
 
 
+@needs_gguf
 def test_truncated_or_corrupted_gguf_is_one_clear_error(mixed_export, tmp_path):
     _, result = mixed_export
     data = bytearray(Path(result.path).read_bytes())
@@ -165,6 +175,7 @@ def test_truncated_or_corrupted_gguf_is_one_clear_error(mixed_export, tmp_path):
         read_gguf(bad)
 
 
+@needs_gguf
 def test_gguf_refuses_a_format_it_cannot_store_naming_the_unit(bundled, tmp_path):
     model, tok, table = bundled
     plan = Plan({**Plan.uniform(table, "q8_0").formats, "h.3.mlp": "int4_g32"})
@@ -177,6 +188,7 @@ def test_gguf_refuses_a_format_it_cannot_store_naming_the_unit(bundled, tmp_path
     assert not list(tmp_path.iterdir())  # refused before anything is written
 
 
+@needs_gguf
 def test_gguf_refuses_other_architectures(tmp_path):
     model = tiny_model("llama")
     table = unit_table(model, model_cfg("llama"))
@@ -201,9 +213,10 @@ def _compressed_plan(table, arch: str) -> Plan:
     return PlanSpec.from_dict(spec).resolve(table)
 
 
+@pytest.mark.extras  # compressed-tensors, below
 @pytest.mark.parametrize("arch", ["opt", "llama"])
 def test_compressed_tensors_export_loads_in_transformers_with_the_simulated_weights(arch, tmp_path):
-    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors", reason=f"needs compressed-tensors (the export extra): {EXTRA}")
     from qsweep.export.compressed import read_compressed, write_compressed
 
     model = tiny_model(arch)
@@ -226,8 +239,9 @@ def test_compressed_tensors_export_loads_in_transformers_with_the_simulated_weig
     assert ev.evaluate(loaded).nll_sum == ev.evaluate(reference).nll_sum  # same weights, same kernels: exact
 
 
+@pytest.mark.extras  # compressed-tensors, below
 def test_compressed_tensors_refusals_name_the_unit(tmp_path):
-    pytest.importorskip("compressed_tensors")
+    pytest.importorskip("compressed_tensors", reason=f"needs compressed-tensors (the export extra): {EXTRA}")
     from qsweep.export.compressed import read_compressed, write_compressed
 
     model = tiny_model("opt")
@@ -273,6 +287,7 @@ def bundled_ids(bundled):
     return load_token_ids(data_cfg, "test", bundled[1])[:2048]
 
 
+@needs_gguf
 @needs_llama
 @pytest.mark.parametrize("name", ["q8_0", "q4_0"])
 def test_llama_cpp_perplexity_matches_the_simulation(bundled, bundled_ids, tmp_path, name):
@@ -293,6 +308,7 @@ def test_llama_cpp_perplexity_matches_the_simulation(bundled, bundled_ids, tmp_p
 # -- the command line ---------------------------------------------------------------------------------------------
 
 
+@needs_gguf
 @pytest.mark.slow
 def test_cli_exports_verifies_and_measures(tmp_path, tiny_dirs):
     runtime = "true" if llama_cpp_missing() is None else "false"
@@ -305,6 +321,7 @@ def test_cli_exports_verifies_and_measures(tmp_path, tiny_dirs):
         assert row["within_tolerance"] is True, row
 
 
+@needs_gguf
 @pytest.mark.slow
 def test_cli_refuses_a_plan_the_target_cannot_store(tmp_path, tiny_dirs):
     proc = run_qsweep(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=int8", tmp_path=tmp_path, check=False)
@@ -328,6 +345,7 @@ def _cpu_has_amx() -> bool:
 @needs_llama
 @pytest.mark.skipif(not _cpu_has_amx(), reason="this CPU has no AMX (no amx_int8 in /proc/cpuinfo): llama.cpp's AMX "
                     "kernel, which segfaults on batches of 2+ tokens, cannot run here")  # fmt: skip
+@needs_gguf
 @pytest.mark.parametrize("name", ["q8_0", "q4_0"])
 def test_llama_cpp_runs_quantized_batches_on_an_amx_cpu(bundled, bundled_ids, tmp_path, name):
     """On AMX, with the extra buffer types on, this crashed (SIGSEGV in ggml_backend_amx_mul_mat)."""
@@ -340,6 +358,7 @@ def test_llama_cpp_runs_quantized_batches_on_an_amx_cpu(bundled, bundled_ids, tm
     assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=2e-3)
 
 
+@needs_gguf
 @needs_llama
 def test_the_runtime_check_loads_no_repacked_or_amx_weights(bundled, tmp_path):
     """llama_child loads with ``use_extra_bufts = False``: llama.cpp's load log names no CPU_REPACK or AMX buffer
@@ -361,6 +380,7 @@ def test_the_runtime_check_loads_no_repacked_or_amx_weights(bundled, tmp_path):
     assert len(json.loads((tmp_path / "res.json").read_text())["window_nll"]) == 1
 
 
+@needs_gguf
 @needs_llama
 def test_a_crashing_runtime_is_one_line_and_the_export_is_kept(tiny_dirs, tmp_path, monkeypatch, caplog):
     """A native crash in the runtime check (here: the child process kills itself with SIGSEGV as Python starts,

@@ -1,7 +1,8 @@
 """The test suite itself: every test function runs somewhere in CI, and CI fails when a test fails.
 
-CI (.ci/run) runs the README's test command (the fast suite: pyproject's addopts deselect ``slow`` and ``gpu``)
-and then ``pytest -m slow``; ``gpu`` tests need a CUDA device and run on GPU machines only. A test that is in
+CI (.ci/run) runs the README's Quickstart commands verbatim (install + main job, then the test command: the fast
+suite, pyproject's addopts deselect ``slow`` and ``gpu``), then the tests marked ``extras`` with the optional extras
+installed, then ``pytest -m slow``; ``gpu`` tests need a CUDA device and run on GPU machines only. A test that is in
 neither selection, or never collected at all (a file not named test_*.py, a function shadowed by a second one of
 the same name, a test method in a class pytest does not collect), would silently never run.
 """
@@ -44,12 +45,25 @@ def pytest_collection_finish(session):
 """
 
 
+def readme_quickstart() -> list[str]:
+    """The commands of the README's Quickstart: the non-comment lines of its first ```bash block."""
+    text = (ROOT / "README.md").read_text().split("\n## Quickstart", 1)[1]
+    block = text.split("```bash\n", 1)[1].split("\n```", 1)[0]
+    return [ln for ln in block.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def readme_test_command() -> str:
-    """The README's test command: the ``python -m pytest...`` line of its quick-start block."""
-    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()]
-    commands = [ln for ln in lines if re.fullmatch(r"python -m pytest( [^#`]*)?", ln)]
-    assert commands, "the README has no `python -m pytest` line"
-    return commands[0]
+    """The README's test command: the ``python -m pytest...`` line of its Quickstart."""
+    commands = [ln for ln in readme_quickstart() if re.fullmatch(r"python -m pytest( [^#`]*)?", ln.strip())]
+    assert commands, "the README Quickstart has no `python -m pytest` line"
+    return commands[0].strip()
+
+
+def test_the_quickstart_is_two_commands_install_and_run_then_test():
+    install, test = readme_quickstart()
+    assert 'pip install -e ".[test,dashboard]"' in install
+    assert install.endswith("python -m qsweep +search=nsga2 search.n_trials=40")
+    assert test == "python -m pytest"
 
 
 def defined_tests() -> dict[tuple[str, str | None, str], int]:
@@ -115,38 +129,72 @@ def test_every_collected_test_runs_in_the_fast_suite_or_is_marked_slow_or_gpu(co
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "python $*" >> "$FAKE_LOG"
 case "$*" in
+  *"-m qsweep"*) exit "$MAIN_RC" ;;
   *"-m pytest"*"-m slow"*) exit "$SLOW_RC" ;;
   *"-m pytest"*) exit "$FAST_RC" ;;
 esac
 """
+FAKE_PIP = """#!/usr/bin/env bash
+echo "pip $*" >> "$FAKE_LOG"
+"""
 FAKE_PYTHON3 = """#!/usr/bin/env bash
-# `python3 -m venv DIR`: a venv whose activate script changes nothing
+# `python3.11 -m venv DIR`: a venv whose activate script changes nothing
 if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin" && : > "$3/bin/activate"; fi
 """
 
 
-def run_ci(tmp_path: Path, fast_rc: int, slow_rc: int) -> tuple[int, list[str]]:
-    """Run a copy of .ci/run with python, python3 and ruff replaced by fakes that return the given codes."""
+def run_ci(tmp_path: Path, fast_rc: int, slow_rc: int, main_rc: int = 0) -> tuple[int, list[str]]:
+    """Run a copy of .ci/run (and the README it reads) with python, python3.11, pip and ruff replaced by fakes
+    that log their calls and return the given codes; the calls of python."""
     (tmp_path / ".ci").mkdir()
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name, text in (("python", FAKE_PYTHON), ("python3", FAKE_PYTHON3), ("ruff", "#!/usr/bin/env bash\n")):
+    fakes = (
+        ("python", FAKE_PYTHON),
+        ("python3.11", FAKE_PYTHON3),
+        ("pip", FAKE_PIP),
+        ("ruff", "#!/usr/bin/env bash\n"),
+    )
+    for name, text in fakes:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(stat.S_IRWXU)
     log = tmp_path / "calls.log"
     env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAST_RC": str(fast_rc),
-           "SLOW_RC": str(slow_rc), "HOME": str(tmp_path)}  # fmt: skip
+           "SLOW_RC": str(slow_rc), "MAIN_RC": str(main_rc), "HOME": str(tmp_path)}  # fmt: skip
     proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], env=env, capture_output=True, timeout=60)
-    calls = log.read_text().splitlines() if log.exists() else []
-    return proc.returncode, [c for c in calls if "-m pytest" in c]
+    return proc.returncode, log.read_text().splitlines() if log.exists() else []
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_ci_runs_the_readme_command_then_the_slow_tests(tmp_path):
+def test_ci_runs_the_readme_commands_first_then_the_extras_and_slow_tests(tmp_path):
     rc, calls = run_ci(tmp_path, 0, 0)
     assert rc == 0
-    assert calls == [readme_test_command(), "python -m pytest -m slow"]
+    install = readme_quickstart()[0]
+    # CPU torch goes into the fresh venv first; then the README's commands, as written (the fakes log argv)
+    assert calls.index("python -m pip install --quiet torch==2.13.0") < calls.index(
+        "pip install -e .[test,dashboard]"
+    )
+    readme = [
+        c for c in calls if c.startswith(("pip install -e .[test", "python -m qsweep", "python -m pytest"))
+    ]
+    assert readme[:3] == [
+        "pip install -e .[test,dashboard]",
+        install.split(" && ")[-1],
+        readme_test_command(),
+    ]
+    assert [c for c in calls if "-m pytest" in c] == [
+        readme_test_command(),
+        "python -m pytest -m extras and not slow and not gpu",
+        "python -m pytest -m slow",
+    ]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_ci_fails_when_the_readme_main_job_fails(tmp_path):
+    rc, calls = run_ci(tmp_path, 0, 0, main_rc=3)
+    assert rc == 3 and not [c for c in calls if "-m pytest" in c]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

@@ -3,6 +3,7 @@ guarded, storage errors in one line without the password. PostgreSQL tests start
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import ROOT
+from conftest import ROOT, extra_marks, needs_extra
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 from pg_server import PASSWORD, pg_bin_dir, postgres_server
@@ -28,6 +29,11 @@ from qsweep.workers import worker_commands
 
 needs_pg = pytest.mark.skipif(
     pg_bin_dir() is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"
+)
+NO_PSYCOPG2 = (
+    None
+    if importlib.util.find_spec("psycopg2")
+    else 'needs psycopg2 (the postgres extra): pip install -e ".[postgres]"'
 )
 FORK = multiprocessing.get_context("fork")
 PLANS = {f"plan:{c}": {"x": c} for c in "abcdef"}
@@ -156,9 +162,9 @@ def test_a_worker_index_with_the_run_dirs_sqlite_is_refused(tmp_path):
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+psycopg2://u:***@"
-         "127.0.0.1:1/db' (OperationalError: (psycopg2.OperationalError) connection to server at \"127.0.0.1\", "
-         "port 1 failed: Connection refused)"),
+        pytest.param("postgresql+psycopg2://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+psycopg2"
+                     "://u:***@127.0.0.1:1/db' (OperationalError: (psycopg2.OperationalError) connection to server at "
+                     "\"127.0.0.1\", port 1 failed: Connection refused)", marks=extra_marks(NO_PSYCOPG2)),
         ("postgresql+pg8000://u:pw-XYZ@127.0.0.1:1/db", "cannot open storage.url='postgresql+pg8000://u:***@"
          "127.0.0.1:1/db': the database driver 'pg8000' is not installed (pip install pg8000)"),
     ],
@@ -192,6 +198,7 @@ def test_the_launcher_gives_each_worker_an_index_a_run_dir_and_a_shared_journal(
 
 
 @needs_pg
+@needs_extra(NO_PSYCOPG2)
 @pytest.mark.slow
 def test_four_postgres_workers_starting_at_once_create_the_schema_and_plans_once(pg_url):
     study = _run_workers(pg_url, 4, 16)  # a fresh database: the schema is created by one of them
@@ -199,6 +206,7 @@ def test_four_postgres_workers_starting_at_once_create_the_schema_and_plans_once
 
 
 @needs_pg
+@needs_extra(NO_PSYCOPG2)
 @pytest.mark.slow
 def test_a_wrong_password_is_one_line_without_it(pg_url, tmp_path):
     url = pg_url.replace(PASSWORD, "wrong-pw")
@@ -224,6 +232,7 @@ def test_a_wrong_password_is_one_line_without_it(pg_url, tmp_path):
 
 
 @needs_pg
+@needs_extra(NO_PSYCOPG2)
 @pytest.mark.slow
 def test_four_workers_on_the_bundled_model_one_killed_still_make_exactly_n_trials(pg_url, tmp_path):
     """4 workers x 40 trials through the launcher; worker 3 is SIGKILLed mid-trial: its trial is failed once its

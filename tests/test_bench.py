@@ -1,0 +1,138 @@
+"""Smoke tests of the benchmarks whose tables the README quotes, at a tiny budget: each prints its table with the
+README's columns and sane numbers (``python -m qsweep.bench.synthetic``: tests/test_synthetic.py;
+``qsweep.bench.reference``: tests/test_bench_reference.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+
+def table_rows(out: str, header_start: str) -> tuple[list[str], list[list[str]]]:
+    """The columns and rows of the Markdown table whose header line starts with ``header_start``."""
+    lines = out.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith(header_start))
+    cols = [c.strip() for c in lines[i].strip("|").split("|")]
+    assert set(lines[i + 1].replace("|", "").split()) == {"---"}
+    rows = []
+    for ln in lines[i + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip().strip("|").split("|")])
+        assert len(rows[-1]) == len(cols), ln
+    return cols, rows
+
+
+@pytest.fixture
+def unpatched_allocator(monkeypatch):
+    """bench.search memoizes the allocator by replacing qsweep.search.phases.allocator_plans for the process;
+    monkeypatch puts the real one back after the test, so no other test sees the memo."""
+    from qsweep.search import phases
+
+    if hasattr(phases, "allocator_plans"):
+        monkeypatch.setattr(phases, "allocator_plans", phases.allocator_plans)
+
+
+@pytest.mark.slow  # GPT-2 small built and quantized three ways on the CPU: about 30 s on 2 cores
+def test_bench_evaluate_prints_the_performance_tables(capsys):
+    """README "Performance": ``python -m qsweep.bench.evaluate --device cpu --tokens N --batch-size 1 --compile no
+    --repeats 1`` (random-init GPT-2 small), here on 512 tokens in windows of 128."""
+    from qsweep.bench.evaluate import main
+
+    tokens = 512
+    main(["--device", "cpu", "--tokens", str(tokens), "--context", "128", "--batch-size", "2", "--dtypes", "fp32",
+          "--compile", "no", "--repeats", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    cols, rows = table_rows(out, "| method |")
+    assert cols == ["method", "dtype", "compile", "seconds / evaluation", "tokens / s", "perplexity"]
+    assert [r[:3] for r in rows] == [
+        ["seed loop (1 window at a time, HF loss)", "fp32", "no"],
+        ["qsweep Evaluator", "fp32", "no"],
+    ]
+    ppl = [float(r[5]) for r in rows]
+    for r in rows:
+        sec, rate = float(r[3]), float(r[4].replace(",", ""))
+        assert sec > 0 and rate == pytest.approx(tokens / sec, rel=0.01, abs=1)
+    # random init: a near-uniform model over GPT-2's 50,257 tokens; the two evaluators agree (README: 1e-8)
+    assert 1e4 < ppl[0] < 2e5 and ppl[1] == pytest.approx(ppl[0], rel=1e-6)
+    cols, rows = table_rows(out, "| plan switch |")
+    assert cols == ["plan switch", "milliseconds"]
+    assert [r[0] for r in rows] == [
+        "first apply (quantize + cache): champion",
+        "first apply: int8",
+        "first apply: int4_g128",
+        "cached switch (best of 10, weights of most units change)",
+    ]
+    assert all(float(r[1]) > 0 for r in rows)
+
+
+@pytest.mark.slow  # two measured tables of 53 evaluations and four proxies: about 20 s on 2 cores
+def test_bench_sensitivity_prints_cost_and_rank_correlation(capsys, bundled_cache):
+    """README "Searching" (warm start): ``python -m qsweep.bench.sensitivity`` on the bundled model, here on 512
+    validation tokens and the seed's menu."""
+    from qsweep.bench.sensitivity import main
+
+    main(["eval.device=cpu", "eval.max_tokens=512", "precision=seed", f"data.cache_dir={bundled_cache}",
+          "--batches", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    cols, rows = table_rows(out, "| table |")
+    assert cols == ["table", "seconds", "full evals", "block forwards", "note"]
+    assert [r[0] for r in rows] == ["measured, uncached", "measured, cached prefix"]
+    uncached, cached = rows
+    assert (
+        uncached[4] == cached[4] == "53 evaluations"
+    )  # the base plan, 26 searchable units x 2 other formats
+    assert int(cached[3]) < int(uncached[3])  # the cached prefix skips the blocks before the changed unit
+    diff = float(out.split("largest |delta| difference cached vs uncached: ")[1].split()[0])
+    assert diff < 1e-9  # the cached prefix is exact
+    cols, rows = table_rows(out, "| proxy |")
+    assert cols[:5] == ["proxy", "batches", "seconds", "full evals", "Spearman vs measured"]
+    assert [r[0] for r in rows] == ["rademacher", "batch"]  # 512 tokens: one batch, the proxy over all of it
+    for r in rows:
+        assert float(r[3]) > 0 and 0.5 < float(r[4]) <= 1.0  # the one-pass proxy ranks like the measurement
+
+
+@pytest.mark.slow  # three studies of 30 evaluations: about 40 s on 2 cores
+def test_bench_search_prints_the_methods_table(capsys, bundled_cache, unpatched_allocator):
+    """README "Results": ``python -m qsweep.bench.search --budgets ... --seeds ...``, here one budget of 30
+    evaluations (the timed proxy pass costs a few of them, more on a loaded machine), one seed, three methods, on
+    1,024 tokens of each split (no reference columns: the reference was measured on the whole split)."""
+    from qsweep.bench.search import main
+
+    methods = ["random", "allocator", "nsga2_warm"]
+    assert main(["--budgets", "30", "--seeds", "0", "--methods", ",".join(methods), "--device", "cpu",
+                 "eval.max_tokens=1024", f"data.cache_dir={bundled_cache}"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "no reference columns" in out
+    cols, rows = table_rows(out, "| budget |")
+    assert cols == ["budget", "method", "val fitness (median [min, max])", "% of ref",
+                    "test fitness (median seed's 95% CI)", "HV ratio", "evals to 99% / 100% of ref",
+                    "best is uniform"]  # fmt: skip
+    assert [r[:2] for r in rows] == [["30", m] for m in methods], out
+    for r in rows:
+        fitness, lo_hi = r[2].split(" [")
+        lo, hi = (float(x) for x in lo_hi.rstrip("]").split(", "))
+        assert 1.0 < lo == float(fitness) == hi < 8  # one seed: min = median = max; compression at most 8x
+        test, ci = r[4].split(" (")
+        ci_lo, ci_hi = (float(x) for x in ci.rstrip(")").split(", "))
+        assert ci_lo <= float(test) <= ci_hi
+        assert math.isnan(float(r[3])) and r[5] == "-" and r[6] == "- / -"  # no reference
+        assert r[7] in ("0/1", "1/1")
+
+
+def test_every_benchmark_the_readme_quotes_has_a_smoke_test():
+    """Each ``python -m qsweep.bench.NAME`` the README names is run, through its ``main``, by a test."""
+    import re
+
+    from conftest import ROOT
+
+    named = set(re.findall(r"python\s+-m\s+qsweep\.bench\.(\w+)", (ROOT / "README.md").read_text()))
+    assert {"search", "evaluate", "synthetic", "reference"} <= named
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for name in sorted(named):
+        direct = re.search(rf"from qsweep\.bench\.{name} import [^\n]*\bmain\b", tests)
+        alias = re.search(rf"from qsweep\.bench import {name} as (\w+)", tests)
+        assert direct or (alias and f"{alias.group(1)}.main(" in tests), (
+            f"no test runs qsweep.bench.{name}.main"
+        )
