@@ -24,16 +24,6 @@ def table_rows(out: str, header_start: str) -> tuple[list[str], list[list[str]]]
     return cols, rows
 
 
-@pytest.fixture
-def unpatched_allocator(monkeypatch):
-    """bench.search memoizes the allocator by replacing qsweep.search.phases.allocator_plans for the process;
-    monkeypatch puts the real one back after the test, so no other test sees the memo."""
-    from qsweep.search import phases
-
-    if hasattr(phases, "allocator_plans"):
-        monkeypatch.setattr(phases, "allocator_plans", phases.allocator_plans)
-
-
 @pytest.mark.slow  # GPT-2 small built and quantized three ways on the CPU: about 30 s on 2 cores
 def test_bench_evaluate_prints_the_performance_tables(capsys):
     """README "Performance": ``python -m qsweep.bench.evaluate --device cpu --tokens N --batch-size 1 --compile no
@@ -94,7 +84,7 @@ def test_bench_sensitivity_prints_cost_and_rank_correlation(capsys, bundled_cach
 
 
 @pytest.mark.slow  # three studies of 30 evaluations: about 40 s on 2 cores
-def test_bench_search_prints_the_methods_table(capsys, bundled_cache, unpatched_allocator):
+def test_bench_search_prints_the_methods_table(capsys, bundled_cache):
     """README "Results": ``python -m qsweep.bench.search --budgets ... --seeds ...``, here one budget of 30
     evaluations (the timed proxy pass costs a few of them, more on a loaded machine), one seed, three methods, on
     1,024 tokens of each split (no reference columns: the reference was measured on the whole split)."""

@@ -152,7 +152,9 @@ class _Problem:
         # HiGHS 1.x now and then prints a stray debug line ("HighsMipSolverData::transformNewIntegerFeasibleSolution
         # tmpSolver.run();", ERGO-Code/HiGHS#2783) straight to file descriptor 1, presolve or not: the command's
         # stdout is its JSON result, so the solver's stdout goes to /dev/null
-        options = {"mip_rel_gap": 0, "presolve": False}
+        # presolve: 2.3x faster on a 7B model's 131 units x 7 formats (12.2 -> 5.4 s for 16 warm-start plans), and
+        # the optimum is still exact (mip_rel_gap 0)
+        options = {"mip_rel_gap": 0, "presolve": True}
         with _solver_stdout_muted():
             return milp(
                 c, integrality=np.ones_like(c), bounds=Bounds(0, 1), constraints=cons, options=options
