@@ -420,7 +420,7 @@ def test_cli_offline_hub_model_fails_fast_without_retries(tmp_path):
     )
     elapsed = time.perf_counter() - start
     assert_one_error_line(
-        proc, "cannot load the weights of 'gpt2': the Hugging Face hub is out of reach (127.0.0.1:9"
+        proc, "cannot load the config of 'gpt2': the Hugging Face hub is out of reach (127.0.0.1:9"
     )
     assert "Retrying" not in proc.stderr and "Retry" not in proc.stdout
     assert elapsed < 60, elapsed  # the interpreter and imports only: no retry loop
