@@ -357,8 +357,11 @@ def test_the_proxy_streams_and_equals_the_full_gradient_formula(tmp_path, monkey
             continue
         d = 0.0
         for p in session.table[row.unit].params:
-            dw = session.applier.quantized(p.name, p.channel_dim, row.format).float() - params[p.name].float()
-            d += float((g[p.name] / n_tok * dw).sum() + 0.5 * (sq[p.name] / n_tok * dw * dw).sum().detach())
+            dw = (
+                session.applier.quantized(p.name, p.channel_dim, row.format).float()
+                - params[p.name].detach().float()
+            )
+            d += float((g[p.name] / n_tok * dw).sum() + 0.5 * (sq[p.name] / n_tok * dw * dw).sum())
         assert row.delta_nll_per_token == pytest.approx(d, rel=1e-4, abs=1e-9)
         assert checkpointed.delta(row.unit, row.format) == pytest.approx(row.delta_nll_per_token, rel=1e-5,
                                                                          abs=1e-10)  # fmt: skip
