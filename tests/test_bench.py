@@ -111,6 +111,31 @@ def test_bench_search_prints_the_methods_table(capsys, bundled_cache):
         assert r[7] in ("0/1", "1/1")
 
 
+@pytest.mark.slow  # builds a toy model, then a fresh `python -m qsweep` evaluation and a 6-trial search: about 60 s
+def test_bench_scale_prints_time_and_memory_per_shape(capsys, tmp_path, monkeypatch):
+    """README "Real-size models": ``python -m qsweep.bench.scale --shapes ...``, here the two-layer toy of the same
+    architecture on the CPU with a 6-trial search on 1,024 tokens."""
+    import json
+
+    from qsweep.bench.scale import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    main(["--shapes", "llama-toy", "--device", "cpu", "--trials", "6", "--max-tokens", "1024", "--context", "128",
+          "--dir", str(tmp_path), "--json", str(tmp_path / "rows.json")])  # fmt: skip
+    cols, rows = table_rows(capsys.readouterr().out, "| shape |")
+    assert cols == ["shape", "params", "checkpoint GiB", "load s", "eval s", "sensitivity s", "trials", "s / trial",
+                    "peak GPU GiB eval / search", "peak RSS GiB eval / search", "bounds"]  # fmt: skip
+    (row,) = rows
+    assert row[0] == "llama-toy" and row[8] == "- / -"  # no GPU here
+    assert float(row[4]) > 0 and float(row[5]) > 0 and int(row[6]) >= 6 and float(row[7]) > 0
+    rss_eval, rss_search = (float(x) for x in row[9].split(" / "))
+    assert 0.1 < rss_eval <= rss_search < 4
+    (saved,) = json.loads((tmp_path / "rows.json").read_text())
+    ckpt = sum(f.stat().st_size for f in (tmp_path / "models" / "llama-toy").glob("*.safetensors"))
+    assert saved["checkpoint_bytes"] == ckpt and saved["search"]["resources"]["dtype"] == "fp32"
+    assert "RSS <= ckpt+2GiB" in row[10]
+
+
 def test_every_benchmark_the_readme_quotes_has_a_smoke_test():
     """Each ``python -m qsweep.bench.NAME`` the README names is run, through its ``main``, by a test."""
     import re
