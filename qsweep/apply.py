@@ -122,20 +122,26 @@ class PlanApplier:
         return self._pristine[param].to(device=live.device, dtype=live.dtype, non_blocking=True)
 
     @torch.no_grad()
-    def quantized(self, param: str, channel_dim: int | None, fmt_name: str) -> torch.Tensor:
-        """``param``'s pristine weights fake-quantized to ``fmt_name``, in the parameter's dtype and device."""
+    def quantized(
+        self, param: str, channel_dim: int | None, fmt_name: str, *, keep: bool = True
+    ) -> torch.Tensor:
+        """``param``'s pristine weights fake-quantized to ``fmt_name``, in the parameter's dtype and device.
+
+        ``keep=False`` reads the cache but does not add to it: for a caller that visits every (parameter, format)
+        once (the proxy sensitivity), which would only evict the plans a search keeps switching between."""
         key = (param, fmt_name)
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
         live = self._params[param]
-        src = self._pristine[param].to(device=live.device, non_blocking=True).float()
+        # the pristine tensor as stored (16-bit, say): formats widen it to fp32 a block of rows at a time
+        src = self._pristine[param].to(device=live.device, non_blocking=True)
         q = get_format(fmt_name).fake_quant(src, channel_dim).to(live.dtype)
         del src
         self.n_quantized += 1
         size = q.numel() * q.element_size()
-        if size <= self.cache_bytes:
+        if keep and size <= self.cache_bytes:
             while self._cached_bytes + size > self.cache_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= old.numel() * old.element_size()

@@ -59,14 +59,13 @@ class EvalConfig:
     search_split: str = "validation"
     report_split: str = "test"
     batch_size: int = 8
-    logits_chunk: int | None = None  # rows of logits at a time; null: 1024 on CPU, 4096 on GPU
+    logits_chunk: int | None = None  # rows of logits at a time; null: 512 on CPU, 4096 on GPU
     dtype: str = "auto"  # auto (the checkpoint's on a GPU, fp32 on CPU) | fp32 (exact) | bf16 | fp16
     device: str = "auto"
     compile: bool = False
     pristine: str = "device"  # where the one pristine copy of the weights lives: device | cpu (host memory)
-    cache_mb: int = (
-        512  # MiB of quantized tensors kept for plan switches (LRU); 0: quantize every change anew
-    )
+    # MiB of quantized tensors kept for plan switches (LRU); null: a quarter of the weights, at most 512; 0: none
+    cache_mb: int | None = None
     device_map: str | None = None  # null: one device | auto: split the model across the visible GPUs
 
 

@@ -97,7 +97,7 @@ class FloatFormat(Format):
     def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
         if self.dtype == torch.float32:
             return w.to(torch.float32)
-        return w.to(self.dtype).to(torch.float32)
+        return w.to(torch.float32).to(self.dtype).to(torch.float32)  # widened first: one rounding, any input
 
     def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
         return self.seed_bytes(math.prod(shape))
@@ -108,10 +108,32 @@ _FP16_MAX = torch.finfo(torch.float16).max  # 65504.0
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
-    """C ``roundf`` (half away from zero), exactly: ``floor(x + 0.5)`` would round 0.49999997 up in fp32."""
+    """C ``roundf`` (half away from zero), exactly: ``floor(x + 0.5)`` would round 0.49999997 up in fp32. In place
+    on one temporary: ``whole + floor(2 * (|x| - whole))`` with ``whole = floor(|x|)``, signed as ``x``."""
     a = x.abs()
     whole = a.floor()
-    return torch.copysign(whole + (2 * (a - whole)).floor(), x)
+    a.sub_(whole).mul_(2).floor_().add_(whole)
+    del whole
+    return a.copysign_(x)
+
+
+# Elements quantized at a time: the temporaries of a quantization are those of one block (16 MiB in fp32), not of
+# the whole tensor (an 8B model's lm_head holds 131M elements, 0.5 GiB per fp32 temporary).
+QUANT_BLOCK_ELEMENTS = 2**22
+
+
+def _by_rows(rows: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` (row-independent, ``[n, k] -> [n, k]`` fp32) applied to ``rows`` (any float dtype, widened to fp32 a
+    block at a time) a block of at most QUANT_BLOCK_ELEMENTS elements at a time: the same values, with one block's
+    temporaries."""
+    n, k = rows.shape
+    step = max(1, QUANT_BLOCK_ELEMENTS // max(k, 1))
+    if n <= step:
+        return fn(rows.float())
+    out = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
+    for i in range(0, n, step):
+        out[i : i + step] = fn(rows[i : i + step].float())
+    return out
 
 
 @dataclass(frozen=True)
@@ -140,9 +162,13 @@ class IntFormat(Format):
         return self.granularity
 
     def _quant_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize each row of a 2-D tensor ``[n_groups, group]`` with its own scale (module docstring)."""
+        """Fake-quantize each row of a 2-D tensor ``[n_groups, group]`` with its own scale (module docstring), a
+        block of rows at a time."""
+        return _by_rows(rows, self._quant_block)
+
+    def _quant_block(self, rows: torch.Tensor) -> torch.Tensor:
         codes, scale = self.quantize_rows(rows)
-        return codes * scale
+        return codes.mul_(scale)
 
     def quantize_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes ``[n_groups, group]`` (integers held as fp32) and stored scales ``[n_groups, 1]`` (fp16 values
@@ -161,10 +187,10 @@ class IntFormat(Format):
         return codes, stored
 
     def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
-        w = w.to(torch.float32)
+        # w may be 16-bit: rows are widened to fp32 a block at a time (_by_rows), the result is fp32
         gran = self._effective(w.ndim, channel_dim)
         if gran == "tensor":
-            return self._quant_rows(w.reshape(1, -1)).reshape(w.shape)
+            return self._quant_rows(w.float().reshape(1, -1)).reshape(w.shape)
         if gran == "flat":
             flat = w.reshape(-1)
             pad = (-flat.numel()) % self.group_size
@@ -178,7 +204,7 @@ class IntFormat(Format):
         else:
             n_out, n_in = rows.shape
             pad = (-n_in) % self.group_size
-            grouped = torch.nn.functional.pad(rows, (0, pad)).reshape(-1, self.group_size)
+            grouped = (torch.nn.functional.pad(rows, (0, pad)) if pad else rows).reshape(-1, self.group_size)
             out = self._quant_rows(grouped).reshape(n_out, n_in + pad)[:, :n_in]
         return out.reshape(moved.shape).movedim(0, channel_dim).contiguous()
 
@@ -261,14 +287,15 @@ class GGUFFormat(Format):
         return d * codes + m
 
     def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
-        w = w.to(torch.float32)
         kind = self.storage(tuple(w.shape), channel_dim)
         if kind == "F32":
-            return w
+            return w.to(torch.float32)
         if kind == "F16":
-            return w.half().float()
+            return w.float().half().float()
         moved = w.movedim(channel_dim, 0)  # [out, ...]: GGUF's rows, blocks of 32 along each
-        out = self.dequantize_blocks(*self.quantize_blocks(moved.reshape(-1, GGUF_BLOCK)))
+        out = _by_rows(
+            moved.reshape(-1, GGUF_BLOCK), lambda b: self.dequantize_blocks(*self.quantize_blocks(b))
+        )
         return out.reshape(moved.shape).movedim(0, channel_dim).contiguous()
 
     def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,6 +41,8 @@ from qsweep.memory import (
     check_fits,
     estimate_memory,
     out_of_memory_message,
+    peak_host_rss_bytes,
+    release_host_memory,
     resolve_eval_dtype,
     split_across_gpus,
 )
@@ -93,9 +94,10 @@ class EvalSession:
         pristine_at = self.eval_cfg.get("pristine") or "device"
         if pristine_at not in ("device", "cpu"):
             raise ConfigError(f"unknown eval.pristine {pristine_at!r}; valid: device, cpu")
-        cache_mb = self.eval_cfg.get("cache_mb", 512)
-        if cache_mb is None or int(cache_mb) < 0:
-            raise ConfigError(f"eval.cache_mb must be >= 0 (MiB of quantized tensors kept), got {cache_mb}")
+        cache_mb = self.eval_cfg.get("cache_mb")
+        if cache_mb is not None and int(cache_mb) < 0:
+            raise ConfigError(f"eval.cache_mb must be >= 0 (MiB of quantized tensors kept) or null (a quarter of "
+                              f"the weights, at most 512), got {cache_mb}")  # fmt: skip
         device_map = self.eval_cfg.get("device_map")
         if device_map not in (None, "auto"):
             raise ConfigError(f"unknown eval.device_map {device_map!r}; valid: null (one device), auto")
@@ -104,7 +106,8 @@ class EvalSession:
         self.dtype = resolve_eval_dtype(self.eval_cfg.get("dtype"), ckpt_dtype, self.device)
         self.memory = estimate_memory(
             config, self.device, dtype=self.dtype, checkpoint=ckpt_dtype, pristine=pristine_at,
-            cache_bytes=int(cache_mb) * 2**20, batch_size=int(self.eval_cfg.get("batch_size", 8)),
+            cache_bytes=None if cache_mb is None else int(cache_mb) * 2**20,
+            batch_size=int(self.eval_cfg.get("batch_size", 8)),
             context=self._context_of(config), logits_chunk=self.eval_cfg.get("logits_chunk"),
             max_tokens=self.eval_cfg.get("max_tokens"), backward=cfg.get("search") is not None,
             device_map=device_map,
@@ -124,7 +127,7 @@ class EvalSession:
         self.context  # noqa: B018 - validates eval.context against the model's positions now, not at the first split
         self.applier = PlanApplier.converting(
             self.model, self.table, COMPUTE_DTYPES[self.dtype], pristine_device=None if pristine_at == "device" else "cpu",
-            cache_bytes=int(cache_mb) * 2**20,
+            cache_bytes=self.memory.cache,
         )  # fmt: skip
         self.load_seconds = time.perf_counter() - started
         self._started = started
@@ -144,12 +147,10 @@ class EvalSession:
     def resources(self) -> dict:
         """What this process has used so far: seconds since loading began (load included), the load's seconds, the
         peak device memory (torch's allocator, GPUs only) and the peak resident memory of the process (host)."""
-        import resource
-
         peak_device = None
         if self.device.type == "cuda":
             peak_device = max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        rss = peak_host_rss_bytes()
         return {
             "device": str(self.device) if self.eval_cfg.get("device_map") is None else "device_map=auto",
             "dtype": self.dtype,
@@ -242,7 +243,9 @@ class EvalSession:
     @contextlib.contextmanager
     def out_of_memory_is_an_error(self, during: str):
         """Turn an out-of-memory error of the device into a :class:`~qsweep.memory.ResourceError` (one line with
-        the estimate and the settings that lower it), after freeing the quantized-tensor cache."""
+        the estimate and the settings that lower it), after freeing the quantized-tensor cache. On the CPU, what
+        the work freed goes back to the OS when it ends (:func:`~qsweep.memory.release_host_memory`), so the next
+        phase starts from the resident set of the model, not from the last phase's peak."""
         try:
             yield
         except _OOM as e:
@@ -250,6 +253,9 @@ class EvalSession:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise ResourceError(out_of_memory_message(e, self.memory, during)) from None
+        finally:
+            if self.device.type == "cpu":
+                release_host_memory()
 
     def baseline(self, split: str) -> EvalResult:
         if split not in self._baseline:

@@ -136,6 +136,27 @@ def test_bench_scale_prints_time_and_memory_per_shape(capsys, tmp_path, monkeypa
     assert "RSS <= ckpt+2GiB" in row[10]
 
 
+@pytest.mark.slow  # a 0.25 GiB model: a fresh evaluation and a 10-trial search on 2 cores, about 6 minutes
+def test_a_smollm2_shape_searches_on_the_cpu_within_its_checkpoint_plus_2_gib(capsys, tmp_path, monkeypatch):
+    """Issue 18's CPU bound, the README's command: ``python -m qsweep.bench.scale --shapes smollm2-135m --trials 10
+    --device cpu --max-tokens 4096 --context 512``. The search's peak RSS (its own process: VmHWM) stays within the
+    checkpoint's bytes + 2 GiB (it was 13.1 GiB before issue 18, 4.85 GiB before the host-memory work)."""
+    import json
+
+    from qsweep.bench.scale import GIB, main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    main(["--shapes", "smollm2-135m", "--device", "cpu", "--trials", "10", "--max-tokens", "4096", "--context", "512",
+          "--dir", str(tmp_path), "--json", str(tmp_path / "rows.json")])  # fmt: skip
+    (saved,) = json.loads((tmp_path / "rows.json").read_text())
+    search = saved["search"]
+    assert "failed" not in search, search
+    peak, ckpt = search["resources"]["peak_host_rss_bytes"], saved["checkpoint_bytes"]
+    assert 0.2 * GIB < ckpt < 0.3 * GIB and search["resources"]["dtype"] == "fp32"
+    assert ckpt < peak <= ckpt + 2 * GIB, f"peak RSS {peak / GIB:.2f} GiB"
+    assert search["resources"]["quantizations"] > 0 and saved["eval"]["resources"]["peak_host_rss_bytes"] <= peak
+
+
 def test_every_benchmark_the_readme_quotes_has_a_smoke_test():
     """Each ``python -m qsweep.bench.NAME`` the README names is run, through its ``main``, by a test."""
     import re

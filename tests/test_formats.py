@@ -274,3 +274,24 @@ def test_unknown_format_lists_valid_names():
 def test_duplicate_registration_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         register_format(FloatFormat("fp16", 16, torch.float16))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not isinstance(FORMATS[n], FloatFormat)])
+@pytest.mark.parametrize(("shape", "cdim"), [((1000, 128), 0), ((384, 256), 0), ((256, 384), 1), ((3, 100), 0)])
+def test_block_wise_quantization_and_16_bit_inputs_give_the_same_bits(name, shape, cdim, monkeypatch):
+    """Large tensors are quantized a block of rows at a time, widening a 16-bit pristine tensor block by block
+    (memory: one block's temporaries): the result is bit-identical to the whole tensor widened to fp32 at once."""
+    import qsweep.formats as formats
+
+    fmt = get_format(name)
+    w = _weights(shape).to(torch.bfloat16)
+    whole = fmt.fake_quant(w.float(), cdim)
+    monkeypatch.setattr(formats, "QUANT_BLOCK_ELEMENTS", 200)  # many blocks, a ragged last one
+    blocked = fmt.fake_quant(w, cdim)
+    assert blocked.dtype == torch.float32 and torch.equal(blocked, whole)
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "fp32"])
+def test_float_formats_of_a_16_bit_input_round_once_from_its_exact_value(name):
+    w = _weights((64, 64)).to(torch.bfloat16)
+    assert torch.equal(get_format(name).fake_quant(w, 0), get_format(name).fake_quant(w.float(), 0))

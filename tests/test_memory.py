@@ -411,3 +411,26 @@ def test_the_allocator_solves_at_the_byte_sizes_of_an_8b_model(tmp_path):
         assert a is not None and a.size_bytes <= int(share * largest)
         assert a.delta_nll <= previous + 1e-12
         previous = a.delta_nll
+
+
+def test_the_default_cache_is_a_quarter_of_the_weights_at_most_512_mib():
+    from qsweep.memory import cache_bytes_for
+
+    assert cache_bytes_for(None, 540 * 2**20) == 135 * 2**20  # SmolLM2-135M in fp32
+    assert cache_bytes_for(None, 14 * 2**30) == 512 * 2**20  # an 8B model in bf16
+    assert cache_bytes_for(0, 14 * 2**30) == 0 and cache_bytes_for(3 * 2**20, 1) == 3 * 2**20
+
+
+def test_peak_host_memory_is_the_processs_own_not_its_parents(tmp_path):
+    """``resources.peak_host_rss_bytes`` of a run started by a large process (a benchmark run from a test session)
+    is the run's own: ``getrusage``'s ``ru_maxrss`` carries the parent's peak across vfork + exec, and read 2 GiB
+    in CI for a search that peaked at 0.6 GiB."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(600 * 2**20)
+    ballast[:: 2**12] = b"\1" * len(ballast[:: 2**12])  # resident: one byte per page
+    code = "from qsweep.memory import peak_host_rss_bytes; print(peak_host_rss_bytes())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    del ballast
+    assert int(out) < 500 * 2**20  # torch's import is about 0.2 GiB; the parent holds more than 0.6 GiB

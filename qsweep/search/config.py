@@ -123,4 +123,7 @@ def search_config(raw) -> SearchConfig:
         )
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
+    from qsweep.search.samplers import make_sampler
+
+    make_sampler(s.sampler, s.seed, s.sampler_options)  # its name and options, before a study is stored
     return s

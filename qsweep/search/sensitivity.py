@@ -34,6 +34,7 @@ split on the same machine.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -43,7 +44,7 @@ import torch
 
 from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator
-from qsweep.memory import PROXY_PASS_TOKENS, activation_bytes
+from qsweep.memory import PROXY_PASS_TOKENS, activation_bytes, large_tensors_outside_the_heap
 from qsweep.plan import Plan
 from qsweep.prefix import PrefixRunner
 from qsweep.search.sensitivity_table import (
@@ -229,53 +230,61 @@ def proxy_sensitivity(
     @torch.no_grad()
     def contract(p: torch.Tensor) -> None:
         """Fold one parameter's gradient into the (unit, format) sums as soon as backward makes it, then drop it:
-        the gradients of the whole model never exist at once, nor does more than one quantized tensor."""
+        the gradients of the whole model never exist at once, nor does more than one quantized tensor. Each sum is
+        a dot product of flat fp32 vectors (``sum(g^2 dW^2)`` is ``|g * dW|^2``), so a format costs its quantized
+        weights and dW, temporaries of the parameter's size that never enter the plan cache."""
         name = names_of[id(p)]
         u, channel_dim = owner[name]
-        grad, w = p.grad.float(), p.detach().float()
-        for f in moves[u]:
-            dw = applier.quantized(name, channel_dim, f).float() - w
-            if "first" in state["terms"]:
-                first[(u, f)] += (grad * dw).sum()
-            if "second" in state["terms"]:
-                second[(u, f)] += (grad * grad * dw * dw).sum()
-            del dw
+        grad = p.grad.detach().float().reshape(-1)
+        w = p.detach().float().reshape(-1)
         p.grad = None
+        for f in moves[u]:
+            dw = applier.quantized(name, channel_dim, f, keep=False).float().reshape(-1).sub(w)
+            if "first" in state["terms"]:
+                first[(u, f)] += torch.dot(grad, dw)
+            if "second" in state["terms"]:
+                gdw = dw.mul_(grad)
+                second[(u, f)] += torch.dot(gdw, gdw)
+            del dw
 
     names_of = {id(params[n]): n for n in owner}
     hooks = []
     checkpoint = _needs_checkpointing(evaluator, model)
-    try:
-        for p in params.values():
-            p.requires_grad_(False)
-        for n in owner:
-            params[n].requires_grad_(True)
-            hooks.append(params[n].register_post_accumulate_grad_hook(contract))
-        for i in range(n_batches):
-            for rows in evaluator.batch_rows(i, PROXY_PASS_TOKENS):
-                if max_tokens is not None and n_tokens >= max_tokens:
-                    break
-                nll = evaluator.batch_nll(model, i, rows, checkpoint=checkpoint)  # [M]
-                loss = nll.sum()
-                if fisher == "rademacher":
-                    state["terms"] = ("first",)
-                    loss.backward(retain_graph=True)
-                    signs = torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1  # [M]
-                    state["terms"] = ("second",)
-                    (signs * nll).sum().backward()
-                else:
-                    state["terms"] = ("first", "second")
-                    loss.backward()
-                nll_sum += float(loss.detach())
-                n_tokens += nll.numel()
-                n_passes += 1
-                del nll, loss
-    finally:
-        for h in hooks:
-            h.remove()
-        for n, p in params.items():
-            p.grad = None
-            p.requires_grad_(flags[n])
+    # on the CPU, large tensors are their own mappings meanwhile (see large_tensors_outside_the_heap)
+    with large_tensors_outside_the_heap() if device.type == "cpu" else contextlib.nullcontext():
+        try:
+            for p in params.values():
+                p.requires_grad_(False)
+            for n in owner:
+                params[n].requires_grad_(True)
+                hooks.append(params[n].register_post_accumulate_grad_hook(contract))
+            for i in range(n_batches):
+                for rows in evaluator.batch_rows(i, PROXY_PASS_TOKENS):
+                    if max_tokens is not None and n_tokens >= max_tokens:
+                        break
+                    nll = evaluator.batch_nll(model, i, rows, checkpoint=checkpoint)  # [M]
+                    loss = nll.sum()
+                    if fisher == "rademacher":
+                        state["terms"] = ("first",)
+                        loss.backward(retain_graph=True)
+                        signs = (
+                            torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1
+                        )  # [M]
+                        state["terms"] = ("second",)
+                        (signs * nll).sum().backward()
+                    else:
+                        state["terms"] = ("first", "second")
+                        loss.backward()
+                    nll_sum += float(loss.detach())
+                    n_tokens += nll.numel()
+                    n_passes += 1
+                    del nll, loss
+        finally:
+            for h in hooks:
+                h.remove()
+            for n, p in params.items():
+                p.grad = None
+                p.requires_grad_(flags[n])
     deltas = {k: float(first[k]) / n_tokens + 0.5 * float(second[k]) / n_tokens for k in first}
     seconds = time.perf_counter() - start
     return SensitivityTable(
