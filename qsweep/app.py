@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shlex
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep import interrupts
+from qsweep.errors import ConfigError
 from qsweep.memory import ResourceError
 from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
 from qsweep.search.objective import Objective
-from qsweep.search.phases import build_study, interactions, stored_or_new_sensitivity
+from qsweep.search.phases import build_study, interactions, stored_or_new_sensitivity, trial_budget
 from qsweep.search.select import (
     Candidate,
     Verified,
@@ -39,6 +41,7 @@ from qsweep.search.select import (
     paired_fitness_difference,
     verify,
 )
+from qsweep.search.sensitivity import proxy_cost_evals
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import (
     count_done,
@@ -130,6 +133,21 @@ def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score,
             f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
 
 
+def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> None:
+    """A new proxy table that would spend all of ``search.n_trials`` is refused before it is computed (its cost
+    is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing)."""
+    if search.sensitivity != "proxy" or "sensitivity" in study.user_attrs:
+        return
+    ev = session.evaluator(split)
+    tokens = min(search.sensitivity_tokens or ev.n_tokens, ev.n_tokens)
+    cost = proxy_cost_evals(tokens, ev.n_tokens, "rademacher", False)
+    if cost >= search.n_trials - 1 + 1e-9:
+        raise ConfigError(f"search.n_trials={search.n_trials} leaves no trial after the proxy sensitivity table "
+                          f"(about {cost:.1f} evaluations for search.sensitivity_tokens={search.sensitivity_tokens}"
+                          f" of the {ev.n_tokens} tokens of split {split!r}): use search.n_trials>="
+                          f"{math.floor(cost) + 2}, fewer search.sensitivity_tokens, or search.warm_start=false")  # fmt: skip
+
+
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
@@ -163,6 +181,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
         try:
             if search.warm_start:
+                _check_the_budget_pays_for_the_table(study, session, search, cfg.eval.search_split)
                 table = stored_or_new_sensitivity(
                     study,
                     session,
@@ -176,10 +195,12 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             budget = run.run(session, table)
         except KeyboardInterrupt:
             log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
-                        count_done(study), search.n_trials, resume_command(_task_overrides(), url, name))  # fmt: skip
+                        count_done(study), trial_budget(search.n_trials, table),
+                        resume_command(_task_overrides(), url, name))  # fmt: skip
             raise
         except ResourceError as e:  # out of memory: one line, and the study resumes where it stopped
-            raise ResourceError(f"{e}; the study is stored ({count_done(study)} of {search.n_trials} trials "
+            raise ResourceError(f"{e}; the study is stored ({count_done(study)} of "
+                                f"{trial_budget(search.n_trials, table)} trials "
                                 f"done): resume with {resume_command(_task_overrides(), url, name)} and the "
                                 f"lowered setting") from None  # fmt: skip
 
@@ -218,6 +239,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             "file": str(out_dir / "sensitivity.json"),
         },
         "trial_budget": budget,
+        "evaluations_spent": count_done(study) + (table.cost_evals if table is not None else 0.0),
         "n_trials_failed": sum(t.state.name == "FAIL" for t in trials),
         "n_duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
         "n_evaluated_this_run": objective.n_evaluated,

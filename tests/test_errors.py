@@ -424,3 +424,9 @@ def test_cli_offline_hub_model_fails_fast_without_retries(tmp_path):
     )
     assert "Retrying" not in proc.stderr and "Retry" not in proc.stdout
     assert elapsed < 60, elapsed  # the interpreter and imports only: no retry loop
+
+
+def test_refine_trials_without_the_warm_start_is_an_error_not_ignored():
+    with pytest.raises(ConfigError, match=r"search.refine_trials=5 needs the warm start"):
+        search_config({"name": "x", "sampler": "nsga2", "refine_trials": 5, "warm_start": False})
+    assert search_config({"name": "x", "sampler": "nsga2", "refine_trials": 0, "warm_start": False}).refine_trials == 0

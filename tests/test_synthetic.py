@@ -276,3 +276,35 @@ def test_multi_objective_refine_turns_are_fitness_then_twice_hypervolume():
     )
     assert len(refine) >= 6
     assert [c for _, c in refine] == [["fitness", "hypervolume", "hypervolume"][k % 3] for k, _ in refine]
+
+
+@pytest.mark.parametrize("n_trials", [6, 12, 40, 60])
+def test_a_warm_study_spends_exactly_its_budget_and_a_resume_the_difference(n_trials):
+    """Issue 19: ``search.n_trials`` evaluation-equivalents, the table's cost (2.5 here) included, are never
+    exceeded whatever the warm start enqueues (7 uniform + 16 allocator plans: more than 6 or 12 trials hold):
+    the trials are floor(n_trials - cost), cut from the end of the enqueued plans, and no trial is left waiting
+    but those the cut left. A resume from 6 to 9 runs 3 more."""
+    import optuna
+
+    from qsweep.search.objective import is_done
+    from qsweep.search.phases import build_study
+
+    p = generate(SMALL_X, 4).with_(proxy_cost_evals=2.5)
+    session, space = ProblemSession(p), p.space
+    table = p.sensitivity_table("proxy")
+    search = bench.search_settings("nsga2_warm", 0, n_trials)
+    uniform = {f"uniform:{f}": plan for f, plan in space.uniform_plans().items()}
+    run = build_study(space, session.score, search, reference=uniform)
+    budget = run.run(session, table)
+    done = [t for t in run.study.get_trials(deepcopy=False) if is_done(t)]
+    assert budget == len(done) == n_trials - 3 and len(done) + table.cost_evals <= n_trials
+    labels = [t.user_attrs.get("enqueued_as", "sampler") for t in done]
+    assert labels[: min(len(done), len(uniform))] == list(uniform)[: len(done)]  # the stated order: references first
+    if n_trials >= 40:  # room for every enqueued plan, the sampler and refine
+        assert any(lb.startswith("refine:") for lb in labels) and "sampler" in labels
+    waiting = run.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert all(not t.user_attrs["enqueued_as"].startswith(("refine:", "allocator:")) for t in waiting)
+    if n_trials == 6:
+        run.search.n_trials = 9
+        assert run.run(session, table) == 6
+        assert sum(is_done(t) for t in run.study.get_trials(deepcopy=False)) == 6

@@ -121,6 +121,9 @@ def search_config(raw) -> SearchConfig:
             f"search.refine_incumbents must be >= 1 and search.refine_jumps >= 0, got {s.refine_incumbents}, "
             f"{s.refine_jumps}"
         )
+    if s.refine_trials and not s.warm_start:
+        raise ConfigError(f"search.refine_trials={s.refine_trials} needs the warm start (its sensitivity table "
+                          "steers the refine step): use search.warm_start=true or search.refine_trials=null")  # fmt: skip
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
     from qsweep.search.samplers import make_sampler

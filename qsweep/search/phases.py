@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import optuna
 
+from qsweep.errors import ConfigError
 from qsweep.plan import Plan
 from qsweep.score import PlanScore, size_key
 from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
@@ -104,13 +106,17 @@ def _measured(trials, metric: str) -> list[Measured]:
 
 
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable,
-            policy: RefinePolicy, metric: str, budget: int, allocator: Allocator) -> None:  # fmt: skip
+            policy: RefinePolicy, metric: str, budget: int, allocator: Allocator,
+            deadline: float | None = None) -> None:  # fmt: skip
     """Measured local search until ``budget`` trials are done: each turn evaluates the proposal of ``policy``
     (qsweep.search.refine.RefinePolicy: its schedule of criteria, candidates and ranking) and records it."""
     sizes = table.unit_sizes(metric)
     start = count_done(study)
     jumps = policy.jump_plans(table, space, sizes, allocator)
     while count_done(study) < budget:
+        if _expired(deadline):
+            log.info("refine: search.timeout_s reached")
+            return
         k = sum(
             t.user_attrs.get("enqueued_as", "").startswith("refine:")
             for t in study.get_trials(deepcopy=False)
@@ -148,6 +154,14 @@ def interactions(trials, table: SensitivityTable | None) -> list[dict]:
     return rows
 
 
+def trial_budget(n_trials: int, table: SensitivityTable | None) -> int:
+    """The trials a study of ``search.n_trials`` evaluation-equivalents runs: what the sensitivity table (counted
+    by work, :attr:`SensitivityTable.cost_evals`) leaves, rounded down, so that trials + table <= n_trials."""
+    if table is None:
+        return n_trials
+    return max(0, math.floor(n_trials - table.cost_evals + 1e-9))
+
+
 def run_phases(
     study: optuna.Study,
     objective: Objective,
@@ -159,28 +173,53 @@ def run_phases(
     allocator: Allocator = EXACT,
 ) -> int:
     """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
-    (``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as references (uniform,
-    named): the allocator skips them; ``allocator`` answers the knapsack questions (a benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the same
-    plans under the same labels."""
+    (:func:`trial_budget`: ``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as
+    references (uniform, named): the allocator skips them; ``allocator`` answers the knapsack questions (a
+    benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the same plans
+    under the same labels.
+
+    The budget is a contract: no more trials than the budget are run, whatever is enqueued. The enqueued plans run
+    in their order and are cut where the budget ends: the reference plans (enqueued when the study was opened),
+    then the allocator's (qsweep.search.warmstart: the best predicted plan, its two neighbours on the predicted
+    front, then plans spread along it); the refine step gets ``search.refine_trials`` (default: half of what the enqueued plans leave) of
+    what is left after them, never an enqueued plan's place. ``search.timeout_s`` bounds every phase together."""
+    deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
+    budget = trial_budget(search.n_trials, table)
     if table is None:
-        optimize(study, objective, search.n_trials, search.timeout_s)
-        return search.n_trials
-    budget = max(1, search.n_trials - math.ceil(table.cost_evals))
+        optimize(study, objective, budget, search.timeout_s)
+        return budget
+    if budget == 0:
+        raise ConfigError(f"search.n_trials={search.n_trials} is spent by the {table.kind} sensitivity table "
+                          f"({table.cost_evals:.1f} evaluations), which the study keeps: resume with "
+                          f"search.n_trials>={math.floor(table.cost_evals) + 2}")  # fmt: skip
+    waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
+    room = max(0, budget - count_done(study) - waiting)  # for allocator plans, the sampler and refine
+    wanted = search.refine_trials if search.refine_trials is not None else None
+    n_allocs = min(search.warm_start_plans, room if wanted is None else max(0, room - wanted))
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                              baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,
                              exclude=set(reference), allocator=allocator)  # fmt: skip
-    enqueue_plans(study, {k: space.params_of(a.plan) for k, a in allocs.items()},
+    # the allocator's labels depend only on the table (a resume asks for the same ones): keep the first n_allocs
+    kept = dict(list(allocs.items())[:n_allocs])
+    enqueue_plans(study, {k: space.params_of(a.plan) for k, a in kept.items()},
                   {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
-                   for k, a in allocs.items()})  # fmt: skip
-    # the enqueued plans all run before the refine step, even when they eat into its share of the budget
+                   for k, a in kept.items()})  # fmt: skip
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    left = max(0, budget - count_done(study) - waiting)
-    refine = search.refine_trials if search.refine_trials is not None else left // 2
-    optimize(study, objective, max(budget - refine, count_done(study) + waiting), search.timeout_s)
-    if refine:
+    left = max(0, budget - count_done(study) - waiting)  # after every enqueued plan that fits
+    refine = min(wanted, left) if wanted is not None else left // 2
+    optimize(study, objective, budget - refine, _left(deadline))
+    if refine and count_done(study) < budget and not _expired(deadline):
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
-        _refine(study, objective, space, table, policy, search.size_metric, budget, allocator)
+        _refine(study, objective, space, table, policy, search.size_metric, budget, allocator, deadline)
     return budget
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
 
 
 OpenStudy = Callable[[optuna.samplers.BaseSampler, Objective, dict[str, dict]], optuna.Study]
