@@ -213,7 +213,12 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
 
     def score_report(plan):
         if plan.digest() not in scored:
-            scored[plan.digest()] = session.score(plan, report_split)
+            scored[plan.digest()] = score = session.score(plan, report_split)
+            value = score.fitness(search.size_metric)
+            log.info("report split %r: plan %d (%s): perplexity %.4g, fitness_%s %.4f, %.1f s",
+                     report_split, len(scored), plan.digest(),
+                     score.result.perplexity or float("nan"), search.size_metric,
+                     float("nan") if value is None else value, score.result.seconds)  # fmt: skip
         return scored[plan.digest()]
 
     verified = verify(chosen, score_report)

@@ -175,6 +175,7 @@ class Evaluator:
         self.compile = compile
         self.logits_chunk = logits_chunk
         ids = ids.reshape(-1).to(torch.int64)
+        self._protocol = (ids, context, stride, batch_size, logits_chunk, compile)
         self.windows = sliding_windows(ids.numel(), context, stride)
         self.window_tokens = torch.tensor([w.n_scored for w in self.windows], dtype=torch.int64)
         self.n_tokens = int(self.window_tokens.sum())
@@ -245,6 +246,12 @@ class Evaluator:
         elif total / self.n_tokens > 700:  # exp() of more overflows a float64
             error = f"perplexity overflows (mean NLL {total / self.n_tokens:.1f})"
         return EvalResult(total, self.n_tokens, window_nll, self.window_tokens, seconds, error)
+
+    def first_tokens(self, n: int) -> Evaluator:
+        """The same protocol on the first ``n`` token ids only (a cheaper, noisier fidelity of this split)."""
+        ids, context, stride, batch_size, logits_chunk, compile = self._protocol
+        return Evaluator(ids[:n], context, stride, batch_size=batch_size, dtype=self.dtype,
+                         logits_chunk=logits_chunk, device=self.device, compile=compile)  # fmt: skip
 
     # Per-batch access, for work that keeps state per batch (qsweep.prefix, qsweep.search.sensitivity).
     @property

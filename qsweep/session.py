@@ -91,6 +91,11 @@ class EvalSession:
             value = self.eval_cfg.get(key)
             if value is not None and int(value) < low:
                 raise ConfigError(f"eval.{key} must be >= {low} or null, got {value} (null: {_NULL[key]})")
+        penalty = cfg.get("penalty", 10.0)
+        if penalty is None or float(penalty) < 0:
+            raise ConfigError(
+                f"penalty must be >= 0 (fitness = compression - penalty x degradation), got {penalty}"
+            )
         pristine_at = self.eval_cfg.get("pristine") or "device"
         if pristine_at not in ("device", "cpu"):
             raise ConfigError(f"unknown eval.pristine {pristine_at!r}; valid: device, cpu")

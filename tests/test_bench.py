@@ -154,7 +154,9 @@ def test_a_smollm2_shape_searches_on_the_cpu_within_its_checkpoint_plus_2_gib(ca
     peak, ckpt = search["resources"]["peak_host_rss_bytes"], saved["checkpoint_bytes"]
     assert 0.2 * GIB < ckpt < 0.3 * GIB and search["resources"]["dtype"] == "fp32"
     assert ckpt < peak <= ckpt + 2 * GIB, f"peak RSS {peak / GIB:.2f} GiB"
-    assert search["resources"]["quantizations"] > 0 and saved["eval"]["resources"]["peak_host_rss_bytes"] <= peak
+    assert (
+        search["resources"]["quantizations"] > 0 and saved["eval"]["resources"]["peak_host_rss_bytes"] <= peak
+    )
 
 
 def test_every_benchmark_the_readme_quotes_has_a_smoke_test():

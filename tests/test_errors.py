@@ -429,4 +429,22 @@ def test_cli_offline_hub_model_fails_fast_without_retries(tmp_path):
 def test_refine_trials_without_the_warm_start_is_an_error_not_ignored():
     with pytest.raises(ConfigError, match=r"search.refine_trials=5 needs the warm start"):
         search_config({"name": "x", "sampler": "nsga2", "refine_trials": 5, "warm_start": False})
-    assert search_config({"name": "x", "sampler": "nsga2", "refine_trials": 0, "warm_start": False}).refine_trials == 0
+    assert (
+        search_config(
+            {"name": "x", "sampler": "nsga2", "refine_trials": 0, "warm_start": False}
+        ).refine_trials
+        == 0
+    )
+
+
+def test_a_negative_penalty_and_sampler_options_optuna_refuses_are_one_line(tmp_path):
+    """A negative penalty would reward degradation (issue 20: fitness 17.1 above compression 6.4); NSGA-II refuses
+    population_size=1 with a ValueError: both are one line before anything is loaded or stored."""
+    from conftest import compose_config
+
+    from qsweep.session import EvalSession
+
+    with pytest.raises(ConfigError, match=r"^penalty must be >= 0 .*got -1"):
+        EvalSession(compose_config("penalty=-1", tmp_path=tmp_path))
+    with pytest.raises(ConfigError, match=r"^bad search.sampler_options for nsga2: "):
+        search_config({"name": "x", "sampler": "nsga2", "sampler_options": {"population_size": 1}})

@@ -277,7 +277,9 @@ def test_duplicate_registration_is_an_error():
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if not isinstance(FORMATS[n], FloatFormat)])
-@pytest.mark.parametrize(("shape", "cdim"), [((1000, 128), 0), ((384, 256), 0), ((256, 384), 1), ((3, 100), 0)])
+@pytest.mark.parametrize(
+    ("shape", "cdim"), [((1000, 128), 0), ((384, 256), 0), ((256, 384), 1), ((3, 100), 0)]
+)
 def test_block_wise_quantization_and_16_bit_inputs_give_the_same_bits(name, shape, cdim, monkeypatch):
     """Large tensors are quantized a block of rows at a time, widening a 16-bit pristine tensor block by block
     (memory: one block's temporaries): the result is bit-identical to the whole tensor widened to fp32 at once."""

@@ -274,3 +274,12 @@ def test_session_tables_on_the_bundled_model(tmp_path):
     assert max(int4, key=lambda r: r.delta_nll_per_token).unit == "wte"
     assert max(int4, key=lambda r: proxy.delta(r.unit, r.format)).unit == "wte"
     assert measured.cost_evals > 1 and measured.info["prefix_cache"]
+    # multi-fidelity: the same table on the split's first 256 tokens, its cost counted in full evaluations
+    full_ev, half = session.evaluator("validation"), measured_table(session, space, max_tokens=256)
+    sub = full_ev.first_tokens(256)
+    assert half.info["tokens"] == sub.n_tokens < full_ev.n_tokens and half.n_tokens == sub.n_tokens
+    n_rows = sum(len(c) - 1 for c in space.choices.values())
+    assert measured.cost_evals == pytest.approx(1 + measured.info["block_forwards"] / 12) and n_rows == 6
+    assert half.cost_evals == pytest.approx(measured.cost_evals * sub.n_tokens / full_ev.n_tokens)
+    first = session.evaluate(measured.base_plan, "validation")
+    assert half.base_perplexity != pytest.approx(first.perplexity, rel=1e-6)  # measured on fewer tokens

@@ -299,7 +299,9 @@ def test_a_warm_study_spends_exactly_its_budget_and_a_resume_the_difference(n_tr
     done = [t for t in run.study.get_trials(deepcopy=False) if is_done(t)]
     assert budget == len(done) == n_trials - 3 and len(done) + table.cost_evals <= n_trials
     labels = [t.user_attrs.get("enqueued_as", "sampler") for t in done]
-    assert labels[: min(len(done), len(uniform))] == list(uniform)[: len(done)]  # the stated order: references first
+    assert (
+        labels[: min(len(done), len(uniform))] == list(uniform)[: len(done)]
+    )  # the stated order: references first
     if n_trials >= 40:  # room for every enqueued plan, the sampler and refine
         assert any(lb.startswith("refine:") for lb in labels) and "sampler" in labels
     waiting = run.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))

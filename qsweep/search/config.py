@@ -49,7 +49,7 @@ class SearchConfig:
     sensitivity: str = (
         "proxy"  # proxy: one forward+backward pass | measured: one evaluation per (unit, format)
     )
-    sensitivity_tokens: int | None = 8192  # proxy: how many tokens of the search split it reads (null: all)
+    sensitivity_tokens: int | None = 8192  # how many tokens of the search split the table reads (null: all)
     warm_start_plans: int = 16
     # measured local search at the end (qsweep.search.refine), part of n_trials; null: half of what the enqueued
     # plans leave of the budget

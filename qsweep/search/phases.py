@@ -69,7 +69,7 @@ def new_sensitivity(
             table = proxy_table(session, space, split, full_eval_seconds=full, max_tokens=tokens,
                                 max_batches=max(1, math.ceil(share * ev.n_batches)))  # fmt: skip
         else:
-            table = measured_table(session, space, split)
+            table = measured_table(session, space, split, max_tokens=tokens)
     log.info("warm start: %s sensitivity took %.1f s (%.1f full evaluations)", kind, table.seconds,
              table.cost_evals)  # fmt: skip
     return table

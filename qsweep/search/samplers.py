@@ -30,5 +30,5 @@ def make_sampler(name: str, seed: int, options: Mapping | None = None, constrain
         kwargs["constraints_func"] = constraints_func
     try:
         return SAMPLERS[name](seed=seed, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown option; a value Optuna refuses (population_size=1)
         raise ConfigError(f"bad search.sampler_options for {name}: {e}") from None

@@ -35,6 +35,7 @@ split on the same machine.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import statistics
 import time
@@ -331,16 +332,30 @@ def _split(session, split: str | None) -> str:
 
 
 def measured_table(
-    session, space: SearchSpace, split: str | None = None, *, prefix_cache: bool = True
+    session,
+    space: SearchSpace,
+    split: str | None = None,
+    *,
+    prefix_cache: bool = True,
+    max_tokens: int | None = None,
 ) -> SensitivityTable:
     """:func:`measure_sensitivity` on a session's model and ``split`` (default ``eval.search_split``), departing
-    from the session's baseline plan (see :func:`sensitivity_base`). A compiled evaluator runs uncached."""
+    from the session's baseline plan (see :func:`sensitivity_base`). A compiled evaluator runs uncached.
+
+    ``max_tokens``: measure on the split's first ``max_tokens`` tokens only (multi-fidelity: a noisier table at a
+    fraction of the cost); the cost stays in full evaluations of the whole split (scaled by the tokens' share)."""
     split = _split(session, split)
-    ev = session.evaluator(split)
+    full = session.evaluator(split)
+    ev = full if max_tokens is None or max_tokens >= full.n_tokens else full.first_tokens(int(max_tokens))
     base = sensitivity_base(space, session.baseline_plan)
-    return measure_sensitivity(
+    table = measure_sensitivity(
         session.applier, ev, space, base, split=split, prefix_cache=prefix_cache and not ev.compile
     )
+    if ev is full:
+        return table
+    share = ev.n_tokens / full.n_tokens
+    return dataclasses.replace(table, cost_evals=table.cost_evals * share,
+                               info={**table.info, "tokens": ev.n_tokens, "tokens_of_split": full.n_tokens})  # fmt: skip
 
 
 def proxy_table(
