@@ -280,6 +280,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             "study_name",
             "storage",
             "n_trials_done",
+            "evaluations_spent",
             "best",
             "best_plan",
             "best_vs_uniform",
