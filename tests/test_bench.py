@@ -133,7 +133,9 @@ def test_bench_scale_prints_time_and_memory_per_shape(capsys, tmp_path, monkeypa
     (saved,) = json.loads((tmp_path / "rows.json").read_text())
     ckpt = sum(f.stat().st_size for f in (tmp_path / "models" / "llama-toy").glob("*.safetensors"))
     assert saved["checkpoint_bytes"] == ckpt and saved["search"]["resources"]["dtype"] == "fp32"
-    assert int(row[6]) == saved["search"]["n_trials_done"] and saved["search"]["evaluations_spent"] <= 6  # the budget
+    assert (
+        int(row[6]) == saved["search"]["n_trials_done"] and saved["search"]["evaluations_spent"] <= 6
+    )  # the budget
     assert "RSS <= ckpt+2GiB" in row[10]
 
 
