@@ -141,7 +141,7 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
     ev = session.evaluator(split)
     tokens = min(search.sensitivity_tokens or ev.n_tokens, ev.n_tokens)
     cost = proxy_cost_evals(tokens, ev.n_tokens, "rademacher", False)
-    if cost >= search.n_trials - 1 + 1e-9:
+    if trial_budget(search.n_trials, cost) < 1:
         raise ConfigError(f"search.n_trials={search.n_trials} leaves no trial after the proxy sensitivity table "
                           f"(about {cost:.1f} evaluations for search.sensitivity_tokens={search.sensitivity_tokens}"
                           f" of the {ev.n_tokens} tokens of split {split!r}): use search.n_trials>="
@@ -178,6 +178,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                       reference=enqueue, open_study=open_stored)  # fmt: skip
     study, objective = run.study, run.objective
     table, budget = None, search.n_trials
+    spent_on_table = 0.0  # the sensitivity table's cost, in evaluations
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
         try:
             if search.warm_start:
@@ -190,17 +191,18 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                     cfg.eval.search_split,
                     search.sensitivity_tokens,
                 )
+                spent_on_table = table.cost_evals
                 table.save(out_dir / "sensitivity.json")
                 table.write_csv(out_dir / "sensitivity.csv")
             budget = run.run(session, table)
         except KeyboardInterrupt:
             log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
-                        count_done(study), trial_budget(search.n_trials, table),
+                        count_done(study), trial_budget(search.n_trials, spent_on_table),
                         resume_command(_task_overrides(), url, name))  # fmt: skip
             raise
         except ResourceError as e:  # out of memory: one line, and the study resumes where it stopped
             raise ResourceError(f"{e}; the study is stored ({count_done(study)} of "
-                                f"{trial_budget(search.n_trials, table)} trials "
+                                f"{trial_budget(search.n_trials, spent_on_table)} trials "
                                 f"done): resume with {resume_command(_task_overrides(), url, name)} and the "
                                 f"lowered setting") from None  # fmt: skip
 
@@ -244,7 +246,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             "file": str(out_dir / "sensitivity.json"),
         },
         "trial_budget": budget,
-        "evaluations_spent": count_done(study) + (table.cost_evals if table is not None else 0.0),
+        "evaluations_spent": count_done(study) + spent_on_table,
         "n_trials_failed": sum(t.state.name == "FAIL" for t in trials),
         "n_duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
         "n_evaluated_this_run": objective.n_evaluated,

@@ -175,7 +175,12 @@ class Evaluator:
         self.compile = compile
         self.logits_chunk = logits_chunk
         ids = ids.reshape(-1).to(torch.int64)
-        self._protocol = (ids, context, stride, batch_size, logits_chunk, compile)
+        self._ids, self._context, self._stride, self._batch_size = (
+            ids,
+            context,
+            stride,
+            batch_size,
+        )  # first_tokens
         self.windows = sliding_windows(ids.numel(), context, stride)
         self.window_tokens = torch.tensor([w.n_scored for w in self.windows], dtype=torch.int64)
         self.n_tokens = int(self.window_tokens.sum())
@@ -249,9 +254,8 @@ class Evaluator:
 
     def first_tokens(self, n: int) -> Evaluator:
         """The same protocol on the first ``n`` token ids only (a cheaper, noisier fidelity of this split)."""
-        ids, context, stride, batch_size, logits_chunk, compile = self._protocol
-        return Evaluator(ids[:n], context, stride, batch_size=batch_size, dtype=self.dtype,
-                         logits_chunk=logits_chunk, device=self.device, compile=compile)  # fmt: skip
+        return Evaluator(self._ids[:n], self._context, self._stride, batch_size=self._batch_size, dtype=self.dtype,
+                         logits_chunk=self.logits_chunk, device=self.device, compile=self.compile)  # fmt: skip
 
     # Per-batch access, for work that keeps state per batch (qsweep.prefix, qsweep.search.sensitivity).
     @property

@@ -154,12 +154,11 @@ def interactions(trials, table: SensitivityTable | None) -> list[dict]:
     return rows
 
 
-def trial_budget(n_trials: int, table: SensitivityTable | None) -> int:
-    """The trials a study of ``search.n_trials`` evaluation-equivalents runs: what the sensitivity table (counted
-    by work, :attr:`SensitivityTable.cost_evals`) leaves, rounded down, so that trials + table <= n_trials."""
-    if table is None:
-        return n_trials
-    return max(0, math.floor(n_trials - table.cost_evals + 1e-9))
+def trial_budget(n_trials: int, table_cost: float = 0.0) -> int:
+    """The trials a study of ``search.n_trials`` evaluation-equivalents runs: what the sensitivity table's cost
+    (counted by work, :attr:`SensitivityTable.cost_evals`; 0 without a table) leaves, rounded down, so that
+    trials + table <= n_trials."""
+    return max(0, math.floor(n_trials - table_cost + 1e-9))
 
 
 def run_phases(
@@ -184,7 +183,7 @@ def run_phases(
     front, then plans spread along it); the refine step gets ``search.refine_trials`` (default: half of what the enqueued plans leave) of
     what is left after them, never an enqueued plan's place. ``search.timeout_s`` bounds every phase together."""
     deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
-    budget = trial_budget(search.n_trials, table)
+    budget = trial_budget(search.n_trials, table.cost_evals if table is not None else 0.0)
     if table is None:
         optimize(study, objective, budget, search.timeout_s)
         return budget
@@ -194,7 +193,7 @@ def run_phases(
                           f"search.n_trials>={math.floor(table.cost_evals) + 2}")  # fmt: skip
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     room = max(0, budget - count_done(study) - waiting)  # for allocator plans, the sampler and refine
-    wanted = search.refine_trials if search.refine_trials is not None else None
+    wanted = search.refine_trials
     n_allocs = min(search.warm_start_plans, room if wanted is None else max(0, room - wanted))
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
                              baseline_bytes=session.baseline_size_bytes, penalty=session.penalty,

@@ -215,18 +215,16 @@ def proxy_sensitivity(
     """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
 
     Uses the evaluator's first ``max_batches`` batches (all by default), and of them the first windows that hold
-    ``max_tokens`` scored tokens (all by default), in backward passes of at most PROXY_PASS_TOKENS tokens. ``full_eval_seconds`` (one full
-    evaluation of the split) converts the cost to evaluations; None: the median of 3, not counted. ``fisher``:
-    ``rademacher`` or ``batch`` (module docstring); ``seed`` seeds the random signs.
+    ``max_tokens`` scored tokens (all by default), in backward passes of at most PROXY_PASS_TOKENS tokens. The cost
+    is counted by work (:func:`proxy_cost_evals`); ``full_eval_seconds`` (one full evaluation of the split, when the
+    caller has it) only adds the wall-clock equivalent to ``info`` (``wall_evals``). ``fisher``: ``rademacher`` or
+    ``batch`` (module docstring); ``seed`` seeds the random signs.
     Leaves ``base_plan`` applied and every ``requires_grad`` flag as it was.
     """
     _check_base(space, base_plan)
     if fisher not in FISHER_ESTIMATORS:
         raise ValueError(f"unknown fisher estimator {fisher!r}; valid: {', '.join(FISHER_ESTIMATORS)}")
     model, table = applier.model, applier.table
-    if full_eval_seconds is None:
-        applier.apply_(base_plan)
-        full_eval_seconds = statistics.median(evaluator.evaluate(model).seconds for _ in range(3))
     start = time.perf_counter()
     applier.apply_(base_plan)
     params = dict(model.named_parameters())
@@ -321,7 +319,7 @@ def proxy_sensitivity(
             "full_eval_seconds": full_eval_seconds,
             "cost_model": "tokens read / the split's x (1 forward + per backward pass: 2, +1 recomputed forward "
             "when checkpointed)",
-            "wall_evals": seconds / full_eval_seconds,
+            "wall_evals": None if full_eval_seconds is None else seconds / full_eval_seconds,
         },
     )
 
