@@ -45,7 +45,7 @@ import torch
 
 from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator
-from qsweep.memory import PROXY_PASS_TOKENS, activation_bytes, large_tensors_outside_the_heap
+from qsweep.memory import activation_bytes, large_tensors_outside_the_heap, proxy_pass_tokens
 from qsweep.plan import Plan
 from qsweep.prefix import PrefixRunner
 from qsweep.search.sensitivity_table import (
@@ -83,7 +83,8 @@ def _needs_checkpointing(evaluator: Evaluator, model) -> bool:
     """Whether one proxy pass would keep more than CHECKPOINT_ABOVE_BYTES of activations without checkpointing."""
 
     tokens = min(
-        PROXY_PASS_TOKENS, max(evaluator.batch_inputs(i).numel() for i in range(evaluator.n_batches))
+        proxy_pass_tokens(evaluator.device),
+        max(evaluator.batch_inputs(i).numel() for i in range(evaluator.n_batches)),
     )
     dtype = next(model.parameters()).dtype
     layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
@@ -215,7 +216,7 @@ def proxy_sensitivity(
     """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
 
     Uses the evaluator's first ``max_batches`` batches (all by default), and of them the first windows that hold
-    ``max_tokens`` scored tokens (all by default), in backward passes of at most PROXY_PASS_TOKENS tokens. The cost
+    ``max_tokens`` scored tokens (all by default), in backward passes of at most :func:`~qsweep.memory.proxy_pass_tokens` tokens. The cost
     is counted by work (:func:`proxy_cost_evals`); ``full_eval_seconds`` (one full evaluation of the split, when the
     caller has it) only adds the wall-clock equivalent to ``info`` (``wall_evals``). ``fisher``: ``rademacher`` or
     ``batch`` (module docstring); ``seed`` seeds the random signs.
@@ -263,6 +264,7 @@ def proxy_sensitivity(
     names_of = {id(params[n]): n for n in owner}
     hooks = []
     checkpoint = _needs_checkpointing(evaluator, model)
+    pass_tokens = proxy_pass_tokens(evaluator.device)
     # on the CPU, large tensors are their own mappings meanwhile (see large_tensors_outside_the_heap)
     with large_tensors_outside_the_heap() if device.type == "cpu" else contextlib.nullcontext():
         try:
@@ -272,7 +274,7 @@ def proxy_sensitivity(
                 params[n].requires_grad_(True)
                 hooks.append(params[n].register_post_accumulate_grad_hook(contract))
             for i in range(n_batches):
-                for rows in evaluator.batch_rows(i, PROXY_PASS_TOKENS):
+                for rows in evaluator.batch_rows(i, pass_tokens):
                     if max_tokens is not None and n_tokens >= max_tokens:
                         break
                     nll = evaluator.batch_nll(model, i, rows, checkpoint=checkpoint)  # [M]
