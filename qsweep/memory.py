@@ -330,15 +330,15 @@ def release_host_memory() -> None:
 @contextlib.contextmanager
 def large_tensors_outside_the_heap(threshold: int = 2**20):
     """Within: host allocations of ``threshold`` bytes or more are their own mappings (glibc's
-    ``M_MMAP_THRESHOLD``), returned to the OS when freed; after: glibc's ceiling (32 MiB). The heap is trimmed on
-entry (what earlier evaluations left there would otherwise stay under the peak) and on exit.
+        ``M_MMAP_THRESHOLD``), returned to the OS when freed; after: glibc's ceiling (32 MiB). The heap is trimmed on
+    entry (what earlier evaluations left there would otherwise stay under the peak) and on exit.
 
-    For a backward pass on the CPU: the per-layer tensors it keeps (checkpointed inputs) interleave in the heap with
-    the transients of every layer, which then cannot be reused. Measured on a SmolLM2-135M shape (4,096 tokens, 30
-    layers, 2 cores): the checkpointed forward kept 0.29 GiB of tensors but grew the resident set by 1.41 GiB; with
-    an 8 MiB threshold, 0.31 GiB. With 2,048-token passes (:func:`proxy_pass_tokens`) a hidden state is 4.5 MiB:
-    the proxy's peak was 2.03 GiB at 4 MiB, 1.91 GiB at 1 MiB, in the same time within the machine's noise. Not for
-    evaluations: fresh mappings cost their page faults (+20% per evaluation there)."""
+        For a backward pass on the CPU: the per-layer tensors it keeps (checkpointed inputs) interleave in the heap with
+        the transients of every layer, which then cannot be reused. Measured on a SmolLM2-135M shape (4,096 tokens, 30
+        layers, 2 cores): the checkpointed forward kept 0.29 GiB of tensors but grew the resident set by 1.41 GiB; with
+        an 8 MiB threshold, 0.31 GiB. With 2,048-token passes (:func:`proxy_pass_tokens`) a hidden state is 4.5 MiB:
+        the proxy's peak was 2.03 GiB at 4 MiB, 1.91 GiB at 1 MiB, in the same time within the machine's noise. Not for
+        evaluations: fresh mappings cost their page faults (+20% per evaluation there)."""
     libc = _glibc()
     if libc is None:
         yield
