@@ -8,6 +8,7 @@ traceback. ``python -m qsweep --help`` prints the app help of conf/hydra/help/qs
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from qsweep.config import register_configs
+from qsweep.config import check_known_keys, composition_error, register_configs
 from qsweep.errors import QsweepError, user_error_line
 from qsweep.paths import config_dir
 
@@ -31,6 +32,35 @@ def error_line(err: BaseException) -> str:
     return user_error_line("qsweep", err)
 
 
+def _one_line_composition_errors() -> None:
+    """Hydra prints its composition errors (an unknown key, an unknown option of a group, an unparsable override)
+    in 6-16 lines with exit status 1, from ``hydra._internal.utils.run_and_report``, which wraps composition and
+    the task alike. This wraps what it runs so that those errors are qsweep's one line (with a did-you-mean and
+    the valid choices: :func:`qsweep.config.composition_error`) and exit status 2; anything else is left to Hydra
+    (``HYDRA_FULL_ERROR=1`` still shows Hydra's own message and traceback). Hydra is pinned to 1.3.x, where this
+    function is the one place both pass through."""
+    import hydra._internal.utils as hydra_utils
+    from hydra.errors import HydraException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1" or getattr(hydra_utils.run_and_report, "_qsweep", False):
+        return
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def guarded():
+            try:
+                return func()
+            except HydraException as e:
+                overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
+                print(error_line(composition_error(e, overrides)), file=sys.stderr)
+                sys.exit(2)
+
+        return original(guarded)
+
+    run_and_report._qsweep = True
+    hydra_utils.run_and_report = run_and_report
+
+
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> None:
     from qsweep.app import evaluate_one, run_search
@@ -38,6 +68,7 @@ def main(cfg: DictConfig) -> None:
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_known_keys(cfg)
         if cfg.get("export") is not None:
             row = export_one(cfg, out_dir)
         else:
@@ -53,4 +84,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    _one_line_composition_errors()
     main()

@@ -6,12 +6,14 @@ merged into these typed nodes and a misspelt key fails at composition with Hydra
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, OmegaConf, open_dict
 
 from qsweep.errors import ConfigError, did_you_mean
 
@@ -22,6 +24,8 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "PlanConfig",
+    "compose_config",
+    "composition_error",
     "register_configs",
 ]
 
@@ -135,3 +139,148 @@ def register_configs() -> None:
     cs.store(name="qsweep_schema", node=Config)
     if not OmegaConf.has_resolver("qsweep_asset"):
         OmegaConf.register_new_resolver("qsweep_asset", _asset_dir)
+
+
+def _groups() -> list[str]:
+    from qsweep.paths import config_dir
+
+    return sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def _group_options(group: str) -> list[str]:
+    from qsweep.paths import config_dir
+
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def _keys_beside(key: str, overrides: Sequence[str]) -> list[str]:
+    """The full keys next to ``key`` (its parent node's) in the config composed with the other ``overrides`` (or,
+    if they fail too, with their group selections only, or none); [] when that fails as well. Only for suggesting
+    a misspelt key."""
+    from omegaconf import DictConfig
+
+    parent, _, _ = key.rpartition(".")
+    name = lambda o: o.lstrip("+~").split("=", 1)[0]  # noqa: E731
+    others = [o for o in overrides if name(o) != key and not name(o).startswith("hydra.")]
+    groups = [o for o in others if "." not in name(o) and name(o) in _groups()]
+    for attempt in (others, groups, []):
+        try:
+            cfg = compose_config(attempt, convert=False)
+        except Exception:
+            continue
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if isinstance(node, DictConfig):
+            return [f"{parent}.{k}" if parent else str(k) for k in node]
+        return []
+    return []
+
+
+def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> ConfigError:
+    """Hydra's composition error (6-16 lines: an unknown key, an unknown option of a config group, a group not in
+    the defaults list, an unparsable override) as one line naming the bad value, what was meant and the valid
+    choices. ``overrides`` (the command line's) lets a misspelt key be matched against its neighbours."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    text = str(exc).strip()
+    if isinstance(exc, MissingConfigException) and exc.missing_cfg_file:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        if exc.options:
+            return ConfigError(
+                f"unknown option {option!r} of config group {group!r}{did_you_mean(option, exc.options)}; "
+                f"valid: {', '.join(exc.options)}"
+            )
+        groups = _groups()
+        if group and group not in groups:
+            return ConfigError(
+                f"unknown config group {group!r}{did_you_mean(group, groups)}; groups: {', '.join(groups)}"
+            )
+    if isinstance(exc, OverrideParseException):
+        return ConfigError(f"cannot parse the override: {text.splitlines()[0]}")
+    m = re.match(r"Could not override '([^']+)'", text)
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    if m and "No match in the defaults list" in text:
+        group = m.group(1)
+        return ConfigError(
+            f"config group {group!r} is not in the defaults list: add it with +{group}=OPTION (e.g. "
+            f"python -m qsweep +search=nsga2)"
+        )
+    if m and cause and ("not in struct" in cause[0] or "Key" in cause[0]):
+        key = m.group(1)
+        beside = _keys_beside(key, overrides)
+        valid = f"; valid keys there: {', '.join(k.rpartition('.')[2] for k in beside)}" if beside else ""
+        group = key.partition(".")[0]
+        if not beside and "." in key and group in _groups():
+            options = _group_options(group)
+            valid = f"; no {group} is selected: choose one with +{group}=OPTION ({', '.join(options)}) first"
+        return ConfigError(f"unknown config key {key!r}{did_you_mean(key, beside)}{valid}")
+    if m and cause:
+        return ConfigError(f"cannot override {m.group(1)!r}: {cause[0]}")
+    m = re.match(r"Error merging override (\S+)", text)
+    if m and cause:
+        return ConfigError(f"{m.group(1)}: {cause[0]}")
+    return ConfigError(" ".join(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def compose_config(overrides: Sequence[str] = (), *, convert: bool = True):
+    """The config ``python -m qsweep OVERRIDES`` runs with, through Hydra's compose API (the benchmarks and
+    ``qsweep.workers`` use it); a composition error, or a key the schema does not know (:func:`check_known_keys`),
+    is a one-line :class:`ConfigError` (:func:`composition_error`) unless ``convert`` is false."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    from qsweep.paths import config_dir
+
+    register_configs()
+    error, outer = None, None
+    if GlobalHydra.instance().is_initialized():  # inside a Hydra app (its error path): set its state aside
+        outer = get_gh_backup()
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            try:
+                cfg = compose("config", overrides=list(overrides))
+            except HydraException as e:
+                if not convert:
+                    raise
+                error = e
+    finally:
+        if outer is not None:
+            restore_gh_from_backup(outer)
+    if error is not None:  # converted outside the context: suggesting a key composes the config again
+        raise composition_error(error, overrides) from None
+    if convert:
+        check_known_keys(cfg)
+    return cfg
+
+
+def _unknown_keys(node, cls, prefix: str = ""):
+    """Keys of ``node`` that dataclass ``cls`` has no field for (recursively into dataclass-typed fields)."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig
+
+    hints = typing.get_type_hints(cls)
+    for key in node:
+        if key not in hints:
+            yield f"{prefix}{key}", [f"{prefix}{k}" for k in hints]
+            continue
+        child = node._get_node(key)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(child, DictConfig) and not child._is_missing():
+            yield from _unknown_keys(child, hints[key], f"{prefix}{key}.")
+
+
+def check_known_keys(cfg) -> None:
+    """Refuse a key the schema does not know. Hydra's struct mode refuses a misspelt key without ``+``, but
+    ``+model.nmae=x`` or ``+serch=nsga2`` would be added and silently ignored. The ``hydra`` node, ``search``
+    and ``export`` (validated by their own builders) are not checked here."""
+    node = cfg.copy()
+    with open_dict(node):
+        node.pop("hydra", None)
+    for key, beside in _unknown_keys(node, Config):
+        raise ConfigError(
+            f"unknown config key {key!r}{did_you_mean(key, beside)}; valid keys there: "
+            f"{', '.join(k.rpartition('.')[2] for k in beside)}"
+        )

@@ -10,7 +10,15 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["ConfigError", "QsweepError", "did_you_mean", "first_line", "read_json_file", "user_error_line"]
+__all__ = [
+    "ConfigError",
+    "QsweepError",
+    "did_you_mean",
+    "first_line",
+    "one_line_errors",
+    "read_json_file",
+    "user_error_line",
+]
 
 
 class QsweepError(Exception):
@@ -31,6 +39,26 @@ def user_error_line(prog: str, err: BaseException) -> str:
     """The one line a command prints for a user error, ``PROG: error: MESSAGE`` (a message that spans lines is
     joined: one error, one line). Every CLI of qsweep prints its QsweepErrors through it."""
     return f"{prog}: error: " + " ".join(line.strip() for line in str(err).strip().splitlines())
+
+
+def one_line_errors(prog: str):
+    """Decorator of a command's ``main``: a :class:`QsweepError` is printed as :func:`user_error_line` and ``main``
+    returns 2 (its exit status); anything else is a bug and keeps its traceback."""
+    import functools
+    import sys
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except QsweepError as e:
+                print(user_error_line(prog, e), file=sys.stderr)
+                return 2
+
+        return run
+
+    return wrap
 
 
 def did_you_mean(name: object, choices: Iterable[object], n: int = 3) -> str:

@@ -22,6 +22,9 @@ import threading
 import time
 from pathlib import Path
 
+from qsweep.config import compose_config
+from qsweep.errors import ConfigError, one_line_errors
+
 __all__ = ["gpu_ids", "main", "worker_commands", "worker_environments"]
 
 
@@ -60,9 +63,8 @@ def _storage_overrides(overrides: list[str], run_dir: Path) -> list[str]:
     refused (one process per file)."""
     storage = [o for o in overrides if o.lstrip("+").startswith(("storage=", "storage.url="))]
     if any(o.lstrip("+") == "storage=sqlite" or "storage.url=sqlite" in o for o in storage):
-        raise SystemExit(
-            "qsweep.workers: error: storage=sqlite is one process's storage; use storage=journal (this host) or "
-            "storage=postgres"
+        raise ConfigError(
+            "storage=sqlite is one process's storage; use storage=journal (this host) or storage=postgres"
         )
     if not any(o.lstrip("+").startswith("storage=") for o in storage):
         extra = ["storage=journal"]
@@ -75,9 +77,7 @@ def _storage_overrides(overrides: list[str], run_dir: Path) -> list[str]:
 def worker_commands(overrides: list[str], n: int, first: int, run_dir: Path) -> list[list[str]]:
     """The command line of each worker (index ``first`` .. ``first + n - 1``)."""
     if any(o.lstrip("+").startswith(("worker=", "hydra.run.dir=")) for o in overrides):
-        raise SystemExit(
-            "qsweep.workers: error: worker= and hydra.run.dir= are set per worker; use -n/--first/--dir"
-        )
+        raise ConfigError("worker= and hydra.run.dir= are set per worker; use -n/--first/--dir")
     shared = [*overrides, *_storage_overrides(overrides, run_dir)]
     return [
         [sys.executable, "-m", "qsweep", *shared, f"worker={i}", f"hydra.run.dir={run_dir / f'worker{i}'}"]
@@ -94,6 +94,7 @@ def _pump(stream, prefix: str, log: Path) -> None:
             sys.stdout.flush()
 
 
+@one_line_errors("qsweep.workers")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qsweep.workers", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--workers", type=int, default=None,
@@ -105,12 +106,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory of the workers' run dirs (default: multirun/DATE/TIME)")  # fmt: skip
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="overrides passed to every worker")
     args = parser.parse_args(argv)
+    stray = [o for o in args.overrides if o.startswith("-")]
+    if stray:
+        raise ConfigError(f"option {stray[0]!r} after the overrides: put -n/--first/--dir before them")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"-n/--workers must be at least 1, got {args.workers}")
+    if args.first < 0:
+        raise ConfigError(f"--first must be at least 0, got {args.first}")
     gpus = gpu_ids()
     n = args.workers if args.workers is not None else len(gpus)
     if n < 1:
-        parser.error("no GPU visible: say how many workers with -n N")
+        raise ConfigError("no GPU visible: say how many workers with -n N")
     run_dir = (args.dir or Path("multirun") / time.strftime("%Y-%m-%d/%H-%M-%S")).resolve()
     commands = worker_commands(list(args.overrides), n, args.first, run_dir)
+    # one line now for a bad override, not the same error from every worker (each still composes its own)
+    compose_config([o for o in commands[0][3:] if not o.startswith("hydra.")])
     procs, pumps = [], []
     for k, (cmd, env) in enumerate(zip(commands, worker_environments(n, gpus), strict=True)):
         i = args.first + k

@@ -25,7 +25,7 @@ from test_search import FAST, UNIFORM, states
 from qsweep.errors import ConfigError
 from qsweep.search.storage import open_storage, storage_url
 from qsweep.search.study import WORKER_ATTR, enqueue_plans, open_study, optimize
-from qsweep.workers import worker_commands
+from qsweep.workers import main, worker_commands
 
 needs_pg = pytest.mark.skipif(
     pg_bin_dir() is None, reason="PostgreSQL binaries (initdb, pg_ctl) not installed"
@@ -190,8 +190,30 @@ def test_the_launcher_gives_each_worker_an_index_a_run_dir_and_a_shared_journal(
          f"hydra.run.dir={tmp_path / f'worker{i}'}"] for i in (4, 5)
     ]  # fmt: skip
     assert worker_commands(["storage=postgres"], 1, 0, tmp_path)[0][3:5] == ["storage=postgres", "worker=0"]
-    with pytest.raises(SystemExit, match="storage=sqlite is one process's storage"):
+    with pytest.raises(ConfigError, match="storage=sqlite is one process's storage"):
         worker_commands(["storage.url=sqlite:////x.db"], 2, 0, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["-n", "0"], "-n/--workers must be at least 1, got 0"),
+        (["-n", "2", "storage=sqlite"], "storage=sqlite is one process's storage; use storage=journal"),
+        (
+            ["-n", "2", "+search=nsga2", "search.n_trails=3"],
+            "unknown config key 'search.n_trails' (did you mean ",
+        ),
+        (
+            ["-n", "1", "+search=nsga2", "--dir", "x"],
+            "option '--dir' after the overrides: put -n/--first/--dir ",
+        ),
+    ],
+)
+def test_bad_launcher_input_is_one_line_and_exit_2_before_any_worker_starts(tmp_path, capsys, args, line):
+    assert main(["--dir", str(tmp_path / "w"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qsweep.workers: error: {line}") and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()
 
 
 # -- PostgreSQL --------------------------------------------------------------------------------------------------

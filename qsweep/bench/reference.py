@@ -329,23 +329,11 @@ def load_reference(menu: str, path: str | Path | None = None) -> ReferenceFront:
     )
 
 
-def _compose(overrides: Sequence[str]):
-    from hydra import compose, initialize_config_dir
-
-    from qsweep.config import register_configs
-    from qsweep.paths import config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
-    from qsweep.errors import QsweepError, first_line, user_error_line
+    from qsweep.config import compose_config
+    from qsweep.errors import QsweepError, user_error_line
     from qsweep.paths import config_dir
     from qsweep.session import EvalSession
 
@@ -370,10 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         menus = sorted(f.stem for f in (config_dir() / "precision").glob("*.yaml"))
         if args.menu not in menus:
             raise ConfigError(f"unknown --menu {args.menu!r}; valid: {', '.join(menus)} (conf/precision/)")
-        try:
-            cfg = _compose([*DEFAULTS, f"precision={args.menu}", *args.overrides])
-        except (HydraException, OmegaConfBaseException) as e:
-            raise ConfigError(f"bad override in {' '.join(args.overrides)!r}: {first_line(e)}") from None
+        cfg = compose_config([*DEFAULTS, f"precision={args.menu}", *args.overrides])
         session = EvalSession(cfg)
         menu = OmegaConf.to_container(cfg.precision.menu, resolve=True)
         command = shlex.join(["python", "-m", "qsweep.bench.reference", *argv])

@@ -33,7 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qsweep.bench.reference import load_reference, session_token_fingerprint
-from qsweep.errors import ConfigError
+from qsweep.errors import ConfigError, one_line_errors
 from qsweep.metrics import fitness
 from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import search_config
@@ -52,16 +52,11 @@ METRIC = "packed"
 
 
 def _session(menu: str, device: str, extra: Sequence[str] = ()):
-    from hydra import compose, initialize_config_dir
-
-    from qsweep.config import register_configs
-    from qsweep.paths import config_dir
+    from qsweep.config import compose_config
     from qsweep.session import EvalSession
 
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny", "data=tiny", "eval=standard", f"precision={menu}",
-                                           f"eval.device={device}", "+search=tpe", *extra])  # fmt: skip
+    cfg = compose_config(["model=tiny", "data=tiny", "eval=standard", f"precision={menu}", f"eval.device={device}",
+                          "+search=tpe", *extra])  # fmt: skip
     return cfg, EvalSession(cfg)
 
 
@@ -136,6 +131,7 @@ def _test(best, session) -> tuple[float, float, float]:
     return s.fitness(METRIC), fitness(c, hi, s.penalty), fitness(c, lo, s.penalty)
 
 
+@one_line_errors("qsweep.bench.search")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--menu", default="lowbit")

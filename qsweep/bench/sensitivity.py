@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from qsweep.config import register_configs
-from qsweep.paths import config_dir
+from qsweep.config import compose_config
+from qsweep.errors import one_line_errors
 from qsweep.search.sensitivity import measured_table, proxy_table, rank_correlation
 from qsweep.search.space import SearchSpace
 from qsweep.session import EvalSession
@@ -48,7 +48,8 @@ def _within_formats(proxy, measured) -> tuple[float, float]:
     return min(rho), max(rho)
 
 
-def main(argv: list[str] | None = None) -> None:
+@one_line_errors("qsweep.bench.sensitivity")
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="write the tables (JSON + CSV) here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -56,10 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = ap.parse_known_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    register_configs()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    s = EvalSession(cfg)
+    s = EvalSession(cfg := compose_config(overrides))
     space = SearchSpace.from_menu(s.table, cfg.precision.menu)
     for u, c in space.choices.items():  # warm the quantized-weight cache
         for f in c:
@@ -105,7 +103,8 @@ def main(argv: list[str] | None = None) -> None:
         p = proxies[("rademacher", None)]
         p.save(args.out / "proxy.json")
         p.write_csv(args.out / "proxy.csv")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
