@@ -7,9 +7,15 @@ Documents are (1) the docstrings of modules, classes and functions in the standa
 Each document goes to a split by a hash of its own text (90% train, 5% validation, 5% test), so the splits never
 overlap and a document stays in its split as long as its text is unchanged, whatever else changes between Python
 versions. A split's text is its documents joined by blank lines, in source order. The text is built from the
-running Python at use time (and cached under the data cache directory), never copied into the repository. A cache
-file that cannot be read (truncated, corrupt) is deleted and rebuilt with a warning naming it; a cache directory
-that cannot be written is a one-line error naming ``data.cache_dir``.
+running Python at use time (and cached under the data cache directory), never copied into the repository.
+
+The cache file (``data.cache_dir/corpus/<key>.json``, the key hashing the builder version, the Python and its stdlib
+files' names, sizes and mtimes) holds ``{"key", "sha256": {split: hex}, "splits": {split: text}}`` and is verified
+whole on every read (hashing about 2 MB): a file whose key is not its name's stem (copied from another Python's
+cache), whose split texts do not match their checksums (damaged, or splits swapped), that cannot be read (truncated,
+not UTF-8 JSON) or that lacks these fields (written by an older qsweep) is never used: it is deleted and rebuilt with
+one warning naming it and what was wrong. A cache directory that cannot be written is a one-line error naming
+``data.cache_dir``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ __all__ = [
     "build_splits",
     "bundled_split_text",
     "corpus_documents",
-    "discard_unreadable_cache",
+    "discard_cache",
     "split_documents",
     "split_of",
 ]
@@ -114,28 +120,60 @@ class CacheError(OSError):
     a user error naming ``data.cache_dir``)."""
 
 
-def _read_cache(path: Path) -> dict[str, str] | None:
-    """The cached splits, or None after deleting a cache file that is unreadable (truncated, corrupt, foreign)."""
-    try:
-        splits = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(splits, dict) and all(isinstance(splits.get(s), str) for s in SPLITS):
-            return splits
-        problem = f"it does not hold the splits {', '.join(SPLITS)}"
-    except (OSError, ValueError) as e:  # ValueError: malformed JSON or not UTF-8
-        problem = first_line(e)
-    discard_unreadable_cache(path, "corpus cache", problem, CacheError)
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _problem(cached, key: str) -> str | None:
+    """None when ``cached`` (the parsed cache file) is the one its name promises, intact; else what is wrong with
+    it (a predicate of "corpus cache PATH", for the warning)."""
+    if not isinstance(cached, dict):
+        return "is unreadable (it is not a JSON object)"
+    if "key" not in cached and all(isinstance(cached.get(s), str) for s in SPLITS):
+        return "has no key and checksums (written by an older qsweep)"
+    splits, sums = cached.get("splits"), cached.get("sha256")
+    if not (
+        isinstance(cached.get("key"), str)
+        and isinstance(splits, dict)
+        and isinstance(sums, dict)
+        and all(isinstance(splits.get(s), str) and isinstance(sums.get(s), str) for s in SPLITS)
+    ):
+        return (
+            f"is unreadable (it does not hold a key and the splits {', '.join(SPLITS)} with their checksums)"
+        )
+    if cached["key"] != key:
+        return f"holds the corpus of key {cached['key']}, not {key} (its name): a copied or renamed file"
+    bad = [s for s in SPLITS if _sha256(splits[s]) != sums[s]]
+    if bad:
+        return f"is damaged (checksum mismatch: {', '.join(bad)})"
     return None
 
 
-def discard_unreadable_cache(path: Path, kind: str, problem: str, error: type[Exception]) -> None:
-    """Delete an unreadable cache file (``kind``, e.g. "token cache") so it is rebuilt, with a warning naming it;
-    ``error`` (a user error) if it cannot be deleted. Shared by the corpus and token caches."""
-    log.warning("%s %s is unreadable (%s): deleting and rebuilding it (data.cache_dir)", kind, path, problem)
+def _read_cache(path: Path) -> dict[str, str] | None:
+    """The cached splits once verified against the file's name (key) and their checksums; else None after deleting
+    the file (unreadable, damaged, another key's, written by an older qsweep) with one warning saying what was
+    wrong."""
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        problem = _problem(cached, path.stem)
+        if problem is None:
+            return {s: cached["splits"][s] for s in SPLITS}
+    except (OSError, ValueError) as e:  # ValueError: malformed JSON or not UTF-8
+        problem = f"is unreadable ({first_line(e)})"
+    discard_cache(path, "corpus cache", problem, CacheError)
+    return None
+
+
+def discard_cache(path: Path, kind: str, problem: str, error: type[Exception]) -> None:
+    """Delete a cache file that must not be used (``kind``, e.g. "token cache"; ``problem``, what is wrong as a
+    predicate: "is unreadable (...)", "is damaged (...)") so it is rebuilt, with one warning naming it; ``error`` (a
+    user error) if it cannot be deleted. Shared by the corpus and token caches: one path for every bad cache file."""
+    log.warning("%s %s %s: deleting and rebuilding it (data.cache_dir)", kind, path, problem)
     try:
         path.unlink()
     except OSError as e:
         raise error(
-            f"the {kind} {str(path)!r} is unreadable ({problem}) and cannot be deleted ({first_line(e)}); "
+            f"the {kind} {str(path)!r} {problem} and cannot be deleted ({first_line(e)}); "
             f"delete it by hand or set data.cache_dir to another directory"
         ) from None
 
@@ -152,7 +190,8 @@ def bundled_split_text(split: str, cache_dir: str | Path = "~/.cache/qsweep") ->
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(splits), encoding="utf-8")
+        cached = {"key": path.stem, "sha256": {s: _sha256(t) for s, t in splits.items()}, "splits": splits}
+        tmp.write_text(json.dumps(cached), encoding="utf-8")
         os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
     except OSError as e:
         raise CacheError(

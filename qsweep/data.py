@@ -8,7 +8,12 @@ Sources (``data.source``; a set ``data.path`` always wins and means a local text
     (:mod:`qsweep.corpus`).
 
 Token ids are stored as safetensors under ``data.cache_dir/tokens/<key>.safetensors``, where the key hashes the
-tokenizer's full definition, the corpus text and the split; a study tokenizes each split once.
+tokenizer's full definition, the corpus text and the split; a study tokenizes each split once. A cache file
+carries in its metadata its key, split, ``n_tokens`` and the sha256 of its ids (little-endian int64 bytes), and is
+verified whole on every read (hashing a few MB: milliseconds). A file that names another key or split than its
+path (a cache copied over another's), whose ids do not match ``n_tokens`` and the checksum (damaged data), that
+cannot be read (truncated, corrupt header) or that lacks these fields (written by an older qsweep) is never used:
+it is deleted and rebuilt with one warning naming it and what was wrong (:func:`qsweep.corpus.discard_cache`).
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
-from qsweep.corpus import discard_unreadable_cache
+from qsweep.corpus import discard_cache
 from qsweep.errors import QsweepError, did_you_mean, first_line
 
 __all__ = ["DataLoadError", "cache_path", "corpus_text", "load_token_ids", "tokenizer_fingerprint"]
@@ -149,14 +154,14 @@ def load_token_ids(cfg: Mapping, split: str, tokenizer) -> torch.Tensor:
         raise DataLoadError(f"split {split!r} of the corpus is empty")
     path = cache_path(cfg.get("cache_dir") or "~/.cache/qsweep", tokenizer, text, split)
     if path.is_file():
-        ids = _read_cache(path)
+        ids = _read_cache(path, split)
         if ids is not None:
             return ids
     ids = _tokenize(tokenizer, text)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"ids": ids}, tmp, metadata={"split": split, "n_tokens": str(ids.numel())})
+        save_file({"ids": ids}, tmp, metadata=_metadata(path.stem, split, ids))
         os.replace(tmp, path)  # atomic: a concurrent or interrupted writer never leaves a torn cache file
     except OSError as e:
         raise DataLoadError(
@@ -166,14 +171,48 @@ def load_token_ids(cfg: Mapping, split: str, tokenizer) -> torch.Tensor:
     return ids
 
 
-def _read_cache(path: Path) -> torch.Tensor | None:
-    """The cached ids, or None after deleting a cache file that is unreadable (truncated, corrupt, foreign)."""
+def _checksum(ids: torch.Tensor) -> str:
+    """sha256 of the ids' bytes as little-endian int64 (a view, no copy, on little-endian hosts)."""
+    return hashlib.sha256(ids.contiguous().numpy().astype("<i8", copy=False)).hexdigest()
+
+
+def _metadata(key: str, split: str, ids: torch.Tensor) -> dict[str, str]:
+    """What a cache file says about itself: checked by :func:`_read_cache` against its name, split and data."""
+    return {"key": key, "split": split, "n_tokens": str(ids.numel()), "sha256": _checksum(ids)}
+
+
+def _problem(meta: Mapping[str, str], ids: torch.Tensor, key: str, split: str) -> str | None:
+    """None when the cache file is the one its name promises, intact; else what is wrong with it (a predicate of
+    "token cache PATH", for the warning)."""
+    if not all(meta.get(k) for k in ("key", "split", "n_tokens", "sha256")):
+        return "has no key and checksum in its metadata (written by an older qsweep)"
+    if meta["key"] != key or meta["split"] != split:
+        return (
+            f"holds split {meta['split']!r} (key {meta['key']}), not split {split!r} (key {key}, its name): "
+            f"a copied or renamed file"
+        )
+    if meta["n_tokens"] != str(ids.numel()):
+        return f"is damaged ({ids.numel()} ids, {meta['n_tokens']} in its metadata)"
+    if meta["sha256"] != _checksum(ids):
+        return "is damaged (checksum mismatch)"
+    return None
+
+
+def _read_cache(path: Path, split: str) -> torch.Tensor | None:
+    """The cached ids of ``split`` once verified against the file's name (key), ``split`` and its own metadata
+    (``n_tokens``, checksum); else None after deleting the file (unreadable, damaged, another split's or key's,
+    written by an older qsweep) with one warning saying what was wrong."""
     try:
-        ids = load_file(path).get("ids")
-        if ids is not None and ids.dim() == 1 and ids.dtype == torch.int64:
-            return ids
-        problem = "it holds no 1-D int64 tensor 'ids'"
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            ids = f.get_tensor("ids") if "ids" in f.keys() else None  # noqa: SIM118 - safe_open is no dict
+        if ids is None or ids.dim() != 1 or ids.dtype != torch.int64:
+            problem = "is unreadable (it holds no 1-D int64 tensor 'ids')"
+        else:
+            problem = _problem(meta, ids, path.stem, split)
+            if problem is None:
+                return ids
     except (SafetensorError, OSError) as e:
-        problem = first_line(e)
-    discard_unreadable_cache(path, "token cache", problem, DataLoadError)
+        problem = f"is unreadable ({first_line(e)})"
+    discard_cache(path, "token cache", problem, DataLoadError)
     return None

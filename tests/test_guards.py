@@ -214,7 +214,7 @@ def test_an_unreadable_corpus_cache_is_rebuilt_with_a_warning_naming_it(
     assert (
         f"corpus cache {cache} is unreadable" in caplog.text and "deleting and rebuilding it" in caplog.text
     )
-    assert json.loads(cache.read_text()) == _small_splits() and len(small_corpus) == 2
+    assert json.loads(cache.read_text())["splits"] == _small_splits() and len(small_corpus) == 2
 
 
 def test_an_unwritable_corpus_cache_names_the_key(tmp_path, small_corpus):
