@@ -83,6 +83,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def _refuse_passwords() -> None:
+    """Before Hydra writes anything: a password in a ``storage.url=`` override is one line, exit 2."""
+    from qsweep.search.storage import refuse_passwords_in_overrides
+
+    try:
+        refuse_passwords_in_overrides(sys.argv[1:])
+    except USER_ERRORS as e:
+        print(error_line(e), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
+    _refuse_passwords()
     _one_line_composition_errors()
     main()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from qsweep.config import compose_config
 from qsweep.errors import ConfigError, one_line_errors
+from qsweep.search.storage import refuse_passwords_in_overrides
 
 __all__ = ["gpu_ids", "main", "worker_commands", "worker_environments"]
 
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="directory of the workers' run dirs (default: multirun/DATE/TIME)")  # fmt: skip
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="overrides passed to every worker")
     args = parser.parse_args(argv)
+    refuse_passwords_in_overrides(args.overrides)
     stray = [o for o in args.overrides if o.startswith("-")]
     if stray:
         raise ConfigError(f"option {stray[0]!r} after the overrides: put -n/--first/--dir before them")

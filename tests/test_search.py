@@ -335,7 +335,8 @@ def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
     pytest.param(["+search=nsga2", "search.front_box=[0.5,0.9]"],
      "qsweep: error: search.front_box must be [max size ratio in (0, 1], max perplexity ratio > 1], got [0.5, 0.9]", marks=pytest.mark.slow),
     pytest.param(["+search=nsga2", "storage.url=postgresql+psycopg2://u:secret@127.0.0.1:1/none"],
-     "qsweep: error: cannot open storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none'", marks=pytest.mark.slow),
+     "qsweep: error: storage.url='postgresql+psycopg2://u:***@127.0.0.1:1/none' holds a password, which Hydra would "
+     "save in the run directory (.hydra/*.yaml); export QSWEEP_STORAGE_URL", marks=pytest.mark.slow),
 ])  # fmt: skip
 def test_bad_search_input_is_one_line_and_leaves_no_study(tmp_path, overrides, message):
     run = tmp_path / "run"

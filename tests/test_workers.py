@@ -347,3 +347,24 @@ def test_a_second_cli_run_on_a_running_sqlite_study_is_refused_in_one_line(tmp_p
         f"qsweep: error: storage.url='sqlite:///{db}' is in use by another qsweep process; SQLite is not safe for "
         "concurrent workers: use storage=journal (several workers on one host) or storage=postgres (many hosts)"
     )
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["storage.url=postgresql+psycopg2://u:secret@db:5432/q", "+storage.url='postgresql://u:secret@db/q'"],
+)
+def test_a_password_on_the_command_line_is_refused_before_hydra_writes_the_run_dir(
+    tmp_path, capsys, override
+):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "qsweep", "+search=nsga2", override, f"hydra.run.dir={run}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("qsweep: error: storage.url=") and "QSWEEP_STORAGE_URL" in proc.stderr
+    assert "secret" not in proc.stdout + proc.stderr and not run.exists()  # .hydra/*.yaml never written
+    assert main(["-n", "1", "--dir", str(tmp_path / "w"), override]) == 2  # the launcher refuses it too
+    assert "secret" not in capsys.readouterr().err and not (tmp_path / "w").exists()
+    # without a password (a local socket, trust auth) the URL is fine on the command line
+    from qsweep.search.storage import refuse_passwords_in_overrides
+
+    refuse_passwords_in_overrides(["storage.url=postgresql://u@db/q", "storage=postgres"])

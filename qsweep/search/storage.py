@@ -338,6 +338,21 @@ def _check_journal_file(file: Path) -> None:
         )
 
 
+def refuse_passwords_in_overrides(overrides) -> None:
+    """A ``storage.url=...`` override holding a password is refused (:class:`ConfigError`, one line) before Hydra
+    saves the overrides in the run directory (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``, mode 0644)
+    and while it is still only in the process list: the line says to pass it in ``QSWEEP_STORAGE_URL``, which the
+    saved config holds as ``${oc.env:QSWEEP_STORAGE_URL}``, unresolved."""
+    for o in overrides:
+        key, sep, value = o.lstrip("+~").partition("=")
+        if sep and key.strip() == "storage.url" and _password(value.strip().strip("'\"")):
+            raise ConfigError(
+                f"storage.url={display_url(value.strip().strip(chr(39) + chr(34)))!r} holds a password, which Hydra "
+                f"would save in the run directory (.hydra/*.yaml); export QSWEEP_STORAGE_URL='...' (this URL) and "
+                f"pass storage=postgres instead"
+            )
+
+
 def _password(url: str) -> str | None:
     try:
         from sqlalchemy.engine import make_url
