@@ -25,6 +25,7 @@ register_configs()
 # Errors a user fixes by changing their input: reported as one line, no traceback. Only the project's own type:
 # a ValueError or FileNotFoundError from a bug must keep its traceback.
 USER_ERRORS = (QsweepError,)
+_STARTED = False  # whether Hydra has called the task (an OSError before it is Hydra's run directory set-up)
 
 
 def error_line(err: BaseException) -> str:
@@ -32,11 +33,25 @@ def error_line(err: BaseException) -> str:
     return user_error_line("qsweep", err)
 
 
+def quiet_third_parties(verbose: bool = False) -> None:
+    """A quiet stderr on success: transformers' "Loading weights" bar and Optuna's info lines ("A new study
+    created ...") off, unless ``hydra.verbose`` is set. qsweep's own log lines and progress bars (trials, the
+    sensitivity table, re-scoring) stay; warnings and errors of every library stay."""
+    if verbose:
+        return
+    import optuna
+    from transformers.utils import logging as transformers_logging
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    transformers_logging.disable_progress_bar()
+
+
 def _one_line_composition_errors() -> None:
     """Hydra prints its composition errors (an unknown key, an unknown option of a group, an unparsable override)
     in 6-16 lines with exit status 1, from ``hydra._internal.utils.run_and_report``, which wraps composition and
     the task alike. This wraps what it runs so that those errors are qsweep's one line (with a did-you-mean and
-    the valid choices: :func:`qsweep.config.composition_error`) and exit status 2; anything else is left to Hydra
+    the valid choices: :func:`qsweep.config.composition_error`) and exit status 2, as is an OSError before the task
+    starts (an unwritable or impossible ``hydra.run.dir``); anything else is left to Hydra
     (``HYDRA_FULL_ERROR=1`` still shows Hydra's own message and traceback). Hydra is pinned to 1.3.x, where this
     function is the one place both pass through."""
     import hydra._internal.utils as hydra_utils
@@ -54,6 +69,13 @@ def _one_line_composition_errors() -> None:
                 overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
                 print(error_line(composition_error(e, overrides)), file=sys.stderr)
                 sys.exit(2)
+            except OSError as e:
+                if _STARTED:  # the task's own: not Hydra's set-up
+                    raise
+                where = f"{e.filename!s}: " if e.filename else ""
+                print(f"qsweep: error: cannot write the run directory ({where}{e.strerror or e}); set "
+                      f"hydra.run.dir (hydra.sweep.dir with -m) to a writable directory", file=sys.stderr)  # fmt: skip
+                sys.exit(2)
 
         return original(guarded)
 
@@ -66,6 +88,9 @@ def main(cfg: DictConfig) -> None:
     from qsweep.app import evaluate_one, run_search
     from qsweep.export.cli import export_one
 
+    global _STARTED
+    _STARTED = True
+    quiet_third_parties(verbose=bool(HydraConfig.get().verbose))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_known_keys(cfg)
@@ -78,6 +103,13 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except (RuntimeError, MemoryError) as e:  # out of memory outside the phases that name themselves
+        from qsweep.memory import ResourceError, is_out_of_memory, out_of_memory_message
+
+        if not is_out_of_memory(e):
+            raise
+        print(error_line(ResourceError(out_of_memory_message(e, None, "this run"))), file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(row))
     if row.get("error"):
         sys.exit(1)

@@ -271,10 +271,11 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                   interactions=interactions(trials, table))  # fmt: skip
     if best is not None:
         r = best.report
+        rf = r.fitness(search.size_metric)
         log.info("best plan on %r (%s %.4f): on %r perplexity %s, %.3fx, %s %s; wrote %s", cfg.eval.search_split,
                  fit, best.candidate.search[fit], report_split,
                  "failed" if r.perplexity is None else f"{r.perplexity:.4f}", r.compression(search.size_metric),
-                 fit, r.fitness(search.size_metric), out_dir)  # fmt: skip
+                 fit, "-" if rf is None else f"{rf:.4f}", out_dir)  # fmt: skip
     log.info("inspect it: %s", dashboard)
     return {
         k: summary[k]

@@ -18,6 +18,7 @@ it is deleted and rebuilt with one warning naming it and what was wrong (:func:`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,20 +43,47 @@ class DataLoadError(QsweepError, RuntimeError):
     """A corpus cannot be read; the message says what to pass instead."""
 
 
+@contextlib.contextmanager
+def _hub_offline(on: bool):
+    """Within: ``datasets`` and ``huggingface_hub`` in offline mode (local cache only, no retries), when ``on``."""
+    if not on:
+        yield
+        return
+    import datasets
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
 def _hf_text(cfg: Mapping, split: str) -> str:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise DataLoadError(f"the `datasets` package is needed for data.source=hf ({e})") from None
+    from qsweep.model import hub_unreachable
+
     name, subset = cfg.get("dataset"), cfg.get("subset")
+    offline = hub_unreachable()  # then the local cache only: no retries against a hub that will not answer
+    fix = ("pass a local UTF-8 text file with data.path=FILE (or a directory of <split>.txt files), or use the "
+           "bundled corpus (data=tiny)")  # fmt: skip
     try:
-        ds = datasets.load_dataset(name, subset, split=split)
+        with _hub_offline(offline is not None):
+            ds = datasets.load_dataset(name, subset, split=split)
     # datasets raises many types offline (ConnectionError, OSError, DatasetNotFoundError...): all mean the same here
     except Exception as e:
+        if offline:
+            raise DataLoadError(
+                f"cannot load dataset {name}/{subset} split {split!r}: the Hugging Face hub is out of reach "
+                f"({offline}) and no copy is in the local cache; {fix}"
+            ) from None
         raise DataLoadError(
             f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({first_line(e)}); offline, "
-            f"pass a local UTF-8 text file with data.path=FILE (or a directory of <split>.txt files), or use the "
-            f"bundled corpus (data=tiny)"
+            f"{fix}"
         ) from None
     field = cfg.get("text_field", "text")
     return str(cfg.get("joiner", "\n\n")).join(ds[field])

@@ -35,6 +35,7 @@ __all__ = [
     "cache_bytes_for",
     "check_fits",
     "estimate_memory",
+    "is_out_of_memory",
     "large_tensors_outside_the_heap",
     "out_of_memory_message",
     "peak_host_rss_bytes",
@@ -266,6 +267,20 @@ def split_across_gpus(est: MemoryEstimate, free: list[int]) -> dict[int, int]:
             f"{'' if est.pristine_on_host else ' and the pristine copy beside its layers'}; {_lowering(est)}"
         )
     return budget
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` means memory ran out: a device's ``torch.OutOfMemoryError``, Python's ``MemoryError``, or
+    the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory"), which is not an
+    OutOfMemoryError."""
+    if isinstance(err, (_OOM, MemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and (
+        "can't allocate memory" in str(err) or "DefaultCPUAllocator: not enough memory" in str(err)
+    )
 
 
 def out_of_memory_message(err: BaseException, est: MemoryEstimate | None, during: str) -> str:

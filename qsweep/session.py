@@ -40,6 +40,7 @@ from qsweep.memory import (
     ResourceError,
     check_fits,
     estimate_memory,
+    is_out_of_memory,
     out_of_memory_message,
     peak_host_rss_bytes,
     release_host_memory,
@@ -55,7 +56,6 @@ from qsweep.size import model_size_bytes, packed_size_bytes
 __all__ = ["EvalSession", "PlanScore", "named_plan_spec"]
 
 log = logging.getLogger(__name__)
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 def _plain(cfg) -> dict:
@@ -126,7 +126,8 @@ class EvalSession:
             free = [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
             max_memory = split_across_gpus(self.memory, free)
         started = time.perf_counter()
-        self.model = load_model(self.model_cfg, self.device, device_map=device_map, max_memory=max_memory)
+        with self.out_of_memory_is_an_error("loading the model"):
+            self.model = load_model(self.model_cfg, self.device, device_map=device_map, max_memory=max_memory)
         self.tokenizer = load_tokenizer(self.model_cfg)
         self.table = unit_table(self.model, self.model_cfg)
         self.context  # noqa: B018 - validates eval.context against the model's positions now, not at the first split
@@ -253,8 +254,11 @@ class EvalSession:
         phase starts from the resident set of the model, not from the last phase's peak."""
         try:
             yield
-        except _OOM as e:
-            self.applier.clear_cache()
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            if getattr(self, "applier", None) is not None:
+                self.applier.clear_cache()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             raise ResourceError(out_of_memory_message(e, self.memory, during)) from None

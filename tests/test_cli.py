@@ -77,7 +77,13 @@ def int8_run(tmp_path_factory, tiny_dirs) -> tuple[dict, Path]:
     """The JSON line of ``plan=int8`` on the first 300 test tokens, and its run directory (one run, shared)."""
     tmp_path = tmp_path_factory.mktemp("int8")
     proc = run_qsweep(*tiny_overrides(tiny_dirs), "plan=int8", "eval.max_tokens=300", tmp_path=tmp_path)
+    (tmp_path / "stderr.txt").write_text(proc.stderr)
     return last_json_line(proc), tmp_path / "run"
+
+
+def test_a_successful_run_leaves_stderr_quiet(int8_run):
+    # no "Loading weights" bar from transformers (qsweep.__main__.quiet_third_parties; hydra.verbose shows it)
+    assert (int8_run[1].parent / "stderr.txt").read_text() == ""
 
 
 def test_one_json_line_with_the_contract_keys(int8_run):
@@ -211,6 +217,15 @@ def test_the_cli_prints_hydras_composition_errors_as_one_line_with_exit_2(tmp_pa
             proc.stderr
         )
         assert "did you mean" in proc.stderr and not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text(
+        ""
+    )  # a run directory that cannot be made: Hydra's OSError, before the task
+    proc = subprocess.run([sys.executable, "-m", "qsweep", f"hydra.run.dir={tmp_path / 'file' / 'run'}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr == (
+        f"qsweep: error: cannot write the run directory ({tmp_path / 'file' / 'run'}: Not a directory); set "
+        "hydra.run.dir (hydra.sweep.dir with -m) to a writable directory\n"
+    )
 
 
 def test_offline_hub_model_names_the_fix(tmp_path, monkeypatch):

@@ -83,6 +83,37 @@ def test_offline_wikitext_says_how_to_pass_a_local_path(monkeypatch):
         data.corpus_text(cfg, "test")
 
 
+def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch):
+    """No HF_HUB_OFFLINE, but the hub does not answer (qsweep.model.hub_unreachable's probe): ``datasets`` runs in
+    offline mode (the local cache only) instead of retrying for 23 s, and the line says why and what to pass."""
+    import datasets
+    from huggingface_hub import constants
+
+    import qsweep.model
+
+    monkeypatch.setattr(qsweep.model, "hub_unreachable", lambda: "huggingface.co:443 does not answer: test")
+    seen = {}
+
+    def load_dataset(*args, **kwargs):
+        seen["offline"] = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+        raise ConnectionError("Couldn't reach 'wikitext' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    before = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    cfg = {"source": "hf", "dataset": "wikitext", "subset": "wikitext-2-raw-v1", "text_field": "text"}
+    with pytest.raises(DataLoadError) as err:
+        data.corpus_text(cfg, "test")
+    assert seen["offline"] == (True, True) and before == (
+        datasets.config.HF_HUB_OFFLINE,
+        constants.HF_HUB_OFFLINE,
+    )
+    assert str(err.value) == (
+        "cannot load dataset wikitext/wikitext-2-raw-v1 split 'test': the Hugging Face hub is out of reach "
+        "(huggingface.co:443 does not answer: test) and no copy is in the local cache; pass a local UTF-8 text file "
+        "with data.path=FILE (or a directory of <split>.txt files), or use the bundled corpus (data=tiny)"
+    )
+
+
 def test_unknown_source_lists_valid_ones():
     with pytest.raises(DataLoadError, match=r"unknown data.source 'web'; valid: hf, text, bundled"):
         data.corpus_text({"source": "web"}, "test")

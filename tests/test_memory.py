@@ -434,3 +434,32 @@ def test_peak_host_memory_is_the_processs_own_not_its_parents(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     del ballast
     assert int(out) < 500 * 2**20  # torch's import is about 0.2 GiB; the parent holds more than 0.6 GiB
+
+
+@pytest.mark.parametrize(
+    "err",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                     "allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_while_loading_is_one_line(tmp_path, monkeypatch, err):
+    """The host's allocator failing is a RuntimeError, not an OutOfMemoryError: it is one line too, whatever the
+    phase (here: loading the model); any other RuntimeError keeps its traceback."""
+    import qsweep.session as session_module
+    from qsweep.memory import is_out_of_memory
+
+    def failing(*args, **kwargs):
+        raise err
+
+    monkeypatch.setattr(session_module, "load_model", failing)
+    with pytest.raises(ResourceError) as caught:
+        EvalSession(compose_config("eval.max_tokens=600", tmp_path=tmp_path))
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith(
+        "out of memory on cpu during loading the model (estimated need "
+    )
+    assert "lower it with" in line or "lower" in line
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("memory"))

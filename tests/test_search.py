@@ -315,6 +315,8 @@ def test_the_printed_dashboard_command_opens_the_runs_study(tmp_path):
                f"hydra.run.dir={out}", tmp_path=tmp_path)  # fmt: skip
     urls = re.findall(r"optuna-dashboard (\S+)", proc.stdout + proc.stderr)
     assert urls and len(set(urls)) == 1
+    # a quiet stderr: qsweep's progress bars only (no Optuna "[I ...] A new study created", no "Loading weights")
+    assert "A new study created" not in proc.stdout + proc.stderr and "Loading weights" not in proc.stderr
     assert urls[0] == f"sqlite:///{(out / 'study.db').resolve()}"
     summaries = optuna.get_all_study_summaries(storage=urls[0])
     assert len(summaries) == 1 and summaries[0].n_trials == 4

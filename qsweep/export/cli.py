@@ -64,6 +64,7 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
     plan = session.resolve_plan(cfg.plan, cfg.plan_file)
     dest = Path(ecfg.get("path") or out_dir)
     session.applier.restore_()  # the writers start from the original fp32 weights
+    log.info("export: writing %s (%d units) to %s", target, len(session.table), dest)
     if target == "gguf":
         from qsweep.export.gguf import read_gguf, write_gguf
 
@@ -95,6 +96,7 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
              "%d + widened %d; file %d bytes", result.path, len(diffs), result.tensor_bytes, result.predicted_bytes,
              result.widened_bytes, result.file_bytes)  # fmt: skip
     split = ecfg.get("split") or cfg.eval.report_split
+    log.info("export: scoring the simulated plan on %r", split)
     score = session.score(plan, split)
     row = {
         **result.record(),
@@ -124,6 +126,7 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
 def _measure_runtime(row: dict, session: EvalSession, score, result, runtime_model, ecfg: dict) -> None:
     """The real runtime's perplexity on the windows ``score`` was measured on, into ``row``."""
     split = row["split"]
+    log.info("export: measuring the exported model's perplexity on %r in its runtime", split)
     if runtime_model is None:
         from qsweep.export.runtime import gguf_perplexity
 
@@ -141,4 +144,5 @@ def _measure_runtime(row: dict, session: EvalSession, score, result, runtime_mod
     if rel is not None and ecfg.get("tolerance") is not None:
         row["within_tolerance"] = abs(rel) <= float(ecfg["tolerance"])
     log.info("perplexity on %r: simulated %.4f, %s %s (%+.4f%%, tolerance %s)", split, score.perplexity,
-             row["runtime"], res.perplexity, 100 * (rel or 0), ecfg.get("tolerance"))  # fmt: skip
+             row["runtime"], "failed" if res.perplexity is None else f"{res.perplexity:.4f}", 100 * (rel or 0),
+             ecfg.get("tolerance"))  # fmt: skip

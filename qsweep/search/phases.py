@@ -30,7 +30,7 @@ from qsweep.search.samplers import make_sampler
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
-from qsweep.search.study import count_done, enqueue_plans, optimize
+from qsweep.search.study import count_done, enqueue_plans, optimize, progress_bar
 from qsweep.search.warmstart import allocator_plans
 
 __all__ = [
@@ -53,8 +53,10 @@ def new_sensitivity(
     split: str,
     tokens: int | None = None,
     full_eval_seconds: float | None = None,
+    progress: bool = True,
 ) -> SensitivityTable:
-    """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all)."""
+    """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all).
+    ``progress``: a bar on stderr (rows of the measured table, tokens of the proxy's passes)."""
     full = full_eval_seconds or session.baseline(split).seconds
     log.info(
         "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
@@ -62,14 +64,30 @@ def new_sensitivity(
         len(space.searchable),
         split,
     )
+    ev = session.evaluator(split)
     with session.out_of_memory_is_an_error(f"the {kind} sensitivity table (search.sensitivity)"):
         if kind == "proxy":
-            ev = session.evaluator(split)
             share = 1.0 if not tokens else min(1.0, tokens / ev.n_tokens)
-            table = proxy_table(session, space, split, full_eval_seconds=full, max_tokens=tokens,
-                                max_batches=max(1, math.ceil(share * ev.n_batches)))  # fmt: skip
+            bar = progress_bar(
+                progress, min(tokens or ev.n_tokens, ev.n_tokens), unit="token", desc="sensitivity"
+            )
+            try:
+                table = proxy_table(session, space, split, full_eval_seconds=full, max_tokens=tokens,
+                                    max_batches=max(1, math.ceil(share * ev.n_batches)), progress=bar)  # fmt: skip
+            finally:
+                bar(None)
         else:
-            table = measured_table(session, space, split, max_tokens=tokens)
+            rows = sum(len(space.choices[u]) - 1 for u in space.searchable)
+            bar, done = progress_bar(progress, rows, unit="row", desc="sensitivity"), [0]
+
+            def row(unit: str, fmt: str, delta: float) -> None:
+                done[0] += 1
+                bar(done[0])
+
+            try:
+                table = measured_table(session, space, split, max_tokens=tokens, progress=row)
+            finally:
+                bar(None)
     log.info("warm start: %s sensitivity took %.1f s (%.1f full evaluations)", kind, table.seconds,
              table.cost_evals)  # fmt: skip
     return table
@@ -135,9 +153,10 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
             (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == f"refine:{k}"),
             None,
         )
+        measured = t.user_attrs.get(f"fitness_{metric}") if t is not None else None
         log.info("refine %d (%d/%d, %s): predicted fitness_%s %.4f, measured %s", k, count_done(study) - start,
                  budget - start, criterion, metric, p.predicted_fitness,
-                 t and t.user_attrs.get(f"fitness_{metric}"))  # fmt: skip
+                 "-" if measured is None else f"{measured:.4f}")  # fmt: skip
 
 
 def interactions(trials, table: SensitivityTable | None) -> list[dict]:

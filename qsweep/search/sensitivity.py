@@ -212,6 +212,7 @@ def proxy_sensitivity(
     full_eval_seconds: float | None = None,
     fisher: str = "rademacher",
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> SensitivityTable:
     """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
 
@@ -219,7 +220,8 @@ def proxy_sensitivity(
     ``max_tokens`` scored tokens (all by default), in backward passes of at most :func:`~qsweep.memory.proxy_pass_tokens` tokens. The cost
     is counted by work (:func:`proxy_cost_evals`); ``full_eval_seconds`` (one full evaluation of the split, when the
     caller has it) only adds the wall-clock equivalent to ``info`` (``wall_evals``). ``fisher``: ``rademacher`` or
-    ``batch`` (module docstring); ``seed`` seeds the random signs.
+    ``batch`` (module docstring); ``seed`` seeds the random signs. ``progress(tokens)`` is called after each pass
+    with the scored tokens read so far.
     Leaves ``base_plan`` applied and every ``requires_grad`` flag as it was.
     """
     _check_base(space, base_plan)
@@ -294,6 +296,8 @@ def proxy_sensitivity(
                     n_tokens += nll.numel()
                     n_passes += 1
                     del nll, loss
+                    if progress is not None:
+                        progress(n_tokens)
         finally:
             for h in hooks:
                 h.remove()
@@ -338,6 +342,7 @@ def measured_table(
     *,
     prefix_cache: bool = True,
     max_tokens: int | None = None,
+    progress: Callable[[str, str, float], None] | None = None,
 ) -> SensitivityTable:
     """:func:`measure_sensitivity` on a session's model and ``split`` (default ``eval.search_split``), departing
     from the session's baseline plan (see :func:`sensitivity_base`). A compiled evaluator runs uncached.
@@ -349,7 +354,13 @@ def measured_table(
     ev = full if max_tokens is None or max_tokens >= full.n_tokens else full.first_tokens(int(max_tokens))
     base = sensitivity_base(space, session.baseline_plan)
     table = measure_sensitivity(
-        session.applier, ev, space, base, split=split, prefix_cache=prefix_cache and not ev.compile
+        session.applier,
+        ev,
+        space,
+        base,
+        split=split,
+        prefix_cache=prefix_cache and not ev.compile,
+        progress=progress,
     )
     if ev is full:
         return table
@@ -367,6 +378,7 @@ def proxy_table(
     max_tokens: int | None = None,
     fisher: str = "rademacher",
     full_eval_seconds: float | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> SensitivityTable:
     """:func:`proxy_sensitivity` on a session's model and ``split`` (default ``eval.search_split``), departing
     from the session's baseline plan."""
@@ -382,4 +394,5 @@ def proxy_table(
         max_tokens=max_tokens,
         full_eval_seconds=full_eval_seconds,
         fisher=fisher,
+        progress=progress,
     )

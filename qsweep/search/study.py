@@ -234,7 +234,7 @@ def optimize(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     quiet, emitter = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
     emitter.addFilter(quiet)
-    bar = _progress(progress, n_trials, n_trials - remaining)
+    bar = progress_bar(progress, n_trials, n_trials - remaining)
     start, ran, held = time.monotonic(), 0, False
 
     def run(trial):  # the trial is RUNNING: free the lock; an interrupt lands in here, never in ask/tell
@@ -278,13 +278,16 @@ def optimize(
     return ran
 
 
-def _progress(enabled: bool, total: int, initial: int) -> Callable[[int | None], None]:
-    """``update(done)`` of a progress bar on stderr (``update(None)`` closes it); a no-op when disabled."""
+def progress_bar(
+    enabled: bool, total: int, initial: int = 0, unit: str = "trial", desc: str | None = None
+) -> Callable[[int | None], None]:
+    """``update(done)`` of a progress bar on stderr (``update(None)`` closes it); a no-op when disabled. Every
+    phase that can take minutes shows one (trials, sensitivity tables)."""
     if not enabled:
         return lambda done: None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=initial, unit="trial", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
 
     def update(done: int | None) -> None:
         if done is None:
