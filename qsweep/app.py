@@ -37,8 +37,10 @@ from qsweep.search.select import (
     Candidate,
     Verified,
     candidates,
+    choose,
     evaluated_trials,
     paired_fitness_difference,
+    selection_score,
     verify,
 )
 from qsweep.search.sensitivity import proxy_cost_evals
@@ -85,6 +87,22 @@ def evaluate_one(cfg: DictConfig, out_dir: Path) -> dict:
     else:
         log.error("evaluation failed: %s", score.result.error)
     return row
+
+
+def _selection(best, search_best, rule: str, size_metric: str, penalty: float) -> dict | None:
+    """results.json's ``selection``: the rule, the chosen plan and the search split's best point estimate, each
+    with its search-split selection score and fitness and its report-split fitness (the held-out check)."""
+    if best is None:
+        return None
+
+    def side(v) -> dict:
+        return {"trial": v.candidate.trial, "enqueued_as": v.candidate.label, "plan_digest": v.candidate.plan.digest(),
+                "search_score": selection_score(v.candidate.search, size_metric, penalty, rule),
+                "search_fitness": v.candidate.search[f"fitness_{size_metric}"],
+                "report_fitness": v.report.fitness(size_metric)}  # fmt: skip
+
+    return {"rule": rule, "chosen": side(best), "search_best": side(search_best),
+            "same_plan": best.candidate.plan.digest() == search_best.candidate.plan.digest()}  # fmt: skip
 
 
 def resume_command(overrides: list[str], url: str, study_name: str) -> str:
@@ -225,7 +243,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
 
     verified = verify(chosen, score_report)
     fit = f"fitness_{search.size_metric}"
-    best = max(verified, key=lambda v: v.candidate.search[fit], default=None)
+    best = choose(verified, search.select, search.size_metric, session.penalty)
+    search_best = choose(verified, "fitness", search.size_metric, session.penalty)
     entries = [candidate_entry_of(v) for v in verified]
     summary = {
         "study_name": name,
@@ -259,6 +278,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             s: session.baseline_perplexity(s) for s in (cfg.eval.search_split, report_split)
         },
         "best": None if best is None else candidate_entry_of(best),
+        "selection": _selection(best, search_best, search.select, search.size_metric, session.penalty),
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
         "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
     }
@@ -276,6 +296,12 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                  fit, best.candidate.search[fit], report_split,
                  "failed" if r.perplexity is None else f"{r.perplexity:.4f}", r.compression(search.size_metric),
                  fit, "-" if rf is None else f"{rf:.4f}", out_dir)  # fmt: skip
+    sel = summary["selection"]
+    if sel is not None and not sel["same_plan"]:
+        log.info("chosen by search.select=%s over the search split's best point estimate (trial %d, %s): report-split "
+                 "fitness %s vs %s", sel["rule"], sel["search_best"]["trial"], sel["search_best"]["enqueued_as"] or "-",
+                 *("-" if x is None else f"{x:.4f}" for x in (sel["chosen"]["report_fitness"],
+                                                            sel["search_best"]["report_fitness"])))  # fmt: skip
     log.info("inspect it: %s", dashboard)
     return {
         k: summary[k]

@@ -383,12 +383,6 @@ def test_resume_with_another_protocol_is_refused(tmp_path):
     assert states(study_of(f"sqlite:///{db}", "s")) == before
 
 
-def test_unknown_search_name_lists_the_options(tmp_path):
-    proc = cli("+search=nsga3", f"hydra.run.dir={tmp_path}", tmp_path=tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'search/nsga3'" in proc.stderr and "nsga2" in proc.stderr
-
-
 def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
     menu = yaml.safe_load((config_dir() / "precision" / "seed.yaml").read_text())["menu"]
     space = SearchSpace.from_menu(gpt2_small_table, menu)

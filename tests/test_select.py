@@ -139,3 +139,30 @@ def test_pareto_of_three_objectives_all_orderings():
     for perm in itertools.permutations(range(len(pts))):
         shuffled = [pts[i] for i in perm]
         assert sorted(shuffled[i] for i in pareto_indices(shuffled)) == sorted(pts[:4])
+
+
+def test_the_lower_bound_rule_prefers_the_plan_whose_loss_is_known_best():
+    """Two plans with the same point fitness on the search split: ``lcb`` takes the one with the narrower
+    degradation interval (its fitness at the interval's upper end is higher); ``fitness`` takes the larger point
+    estimate even when its interval is wide; a record without an interval counts its point estimate."""
+    from qsweep.search.select import Candidate, Verified, choose, selection_score
+
+    def rec(comp, deg, hi):
+        return {"fitness_packed": comp - 10 * max(0.0, deg), "compression_packed": comp, "degradation": deg,
+                "degradation_ci95_high": hi, "packed_size_bytes": int(1e6 / comp)}  # fmt: skip
+
+    wide, narrow = rec(4.0, 0.05, 0.09), rec(3.99, 0.049, 0.055)  # point: 3.5 vs 3.50; lcb: 3.1 vs 3.44
+    assert selection_score(wide, "packed", 10.0, "lcb") == pytest.approx(4.0 - 0.9)
+    assert selection_score(narrow, "packed", 10.0, "lcb") == pytest.approx(3.99 - 0.55)
+    assert (
+        selection_score({**wide, "degradation_ci95_high": None}, "packed", 10.0, "lcb")
+        == wide["fitness_packed"]
+    )
+    assert selection_score(wide, "packed", 0.0, "lcb") == 4.0  # no penalty: compression alone
+    vs = [
+        Verified(Candidate(i, "", Plan({"u": f}), r), None)
+        for i, (f, r) in enumerate([("int8", wide), ("int4", narrow)])
+    ]
+    assert choose(vs, "lcb", "packed", 10.0).candidate.trial == 1
+    assert choose(vs, "fitness", "packed", 10.0).candidate.trial == 0
+    assert choose([], "lcb", "packed", 10.0) is None

@@ -42,6 +42,9 @@ class SearchConfig:
     size_metric: str = "packed"  # packed: codes + scales (honest); seed: numel x bits / 8, no scales
     max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
+    # the reported plan among the candidates (qsweep.search.select): lcb, the best fitness with the degradation at
+    # its 95% upper bound on the search split; fitness, the best point estimate
+    select: str = "lcb"
     timeout_s: float | None = None
     # warm start (qsweep.search.warmstart): allocator plans from a sensitivity table go first; its cost, in full
     # evaluations, is taken from n_trials
@@ -126,6 +129,12 @@ def search_config(raw) -> SearchConfig:
                           "steers the refine step): use search.warm_start=true or search.refine_trials=null")  # fmt: skip
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
+    from qsweep.search.select import SELECT_RULES
+
+    if s.select not in SELECT_RULES:
+        raise ConfigError(
+            f"unknown search.select {s.select!r}{did_you_mean(s.select, SELECT_RULES)}; valid: {', '.join(SELECT_RULES)}"
+        )
     from qsweep.search.samplers import make_sampler
 
     make_sampler(s.sampler, s.seed, s.sampler_options)  # its name and options, before a study is stored

@@ -4,8 +4,13 @@
   search, or the ``top_k`` plans by ``fitness_<size_metric>`` for the single-objective one; infeasible plans
   (``search.max_degradation``), failed plans and duplicate plans are left out.
 * Verification: each candidate is re-scored on the report split (the held-out numbers a user should quote). The
-  best plan is the candidate with the best *search-split* fitness, so its report-split numbers are an honest
-  estimate, not a maximum over noise.
+  reported plan is chosen on the *search split* only (:func:`choose`), so its report-split numbers are an honest
+  estimate, not a maximum over noise. ``search.select=lcb`` (default) takes the best fitness with the degradation
+  at the upper end of its paired 95% interval (a lower confidence bound of the fitness): among plans whose point
+  estimates are within noise of each other, the one whose loss is known best, since the largest point estimate of
+  many is the one most likely inflated by the search windows (the winner's curse; measured in issue 19: a study's
+  search-split best plan scored no better on test than the best uniform plan). ``fitness`` takes the best point
+  estimate. results.json shows both plans with their report-split fitness (``selection``).
 * Comparison: the best plan against the best uniform plan on the same report windows, with a paired bootstrap
   interval of the fitness difference (:func:`paired_fitness_difference`).
 """
@@ -27,11 +32,14 @@ from qsweep.search.front import pareto_indices
 from qsweep.search.objective import is_feasible
 
 __all__ = [
+    "SELECT_RULES",
     "Candidate",
     "Verified",
     "candidates",
+    "choose",
     "evaluated_trials",
     "paired_fitness_difference",
+    "selection_score",
     "verify",
 ]
 
@@ -91,6 +99,32 @@ def candidates(
     else:
         chosen = sorted(done, key=lambda t: t.user_attrs[f"fitness_{size_metric}"], reverse=True)[:top_k]
     return [Candidate.of(t) for t in chosen]
+
+
+SELECT_RULES = ("lcb", "fitness")
+
+
+def selection_score(record: Mapping, size_metric: str, penalty: float, rule: str) -> float:
+    """What :func:`choose` ranks a search-split record by: ``fitness_<size_metric>`` (``fitness``), or the same
+    fitness with the degradation at its 95% upper bound ``degradation_ci95_high`` (``lcb``; the point estimate
+    where the record has no interval)."""
+    point = record[f"fitness_{size_metric}"]
+    if rule == "fitness":
+        return point
+    high = record.get("degradation_ci95_high")
+    return point if high is None else fitness(record[f"compression_{size_metric}"], high, penalty)
+
+
+def choose(verified: Sequence[Verified], rule: str, size_metric: str, penalty: float) -> Verified | None:
+    """The reported plan among the verified candidates, by its *search-split* record (:func:`selection_score`;
+    ties go to the smaller plan, then the earlier trial)."""
+    key = size_key(size_metric)
+    return max(
+        verified,
+        key=lambda v: (selection_score(v.candidate.search, size_metric, penalty, rule),
+                       -v.candidate.search[key], -v.candidate.trial),
+        default=None,
+    )  # fmt: skip
 
 
 def verify(cands: Sequence[Candidate], score: Callable[[Plan], PlanScore]) -> list[Verified]:
