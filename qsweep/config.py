@@ -24,6 +24,7 @@ __all__ = [
     "EvalConfig",
     "ModelConfig",
     "PlanConfig",
+    "check_known_keys",
     "compose_config",
     "composition_error",
     "register_configs",

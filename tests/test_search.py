@@ -108,8 +108,9 @@ def test_study_end_to_end(tmp_path, search, bundled_cache):
 
 
 def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interactions(
-    tmp_path, bundled_cache
+    tmp_path, bundled_cache, caplog, capsys
 ):
+    caplog.set_level("INFO", logger="qsweep")
     out = tmp_path / "run"
     out.mkdir()
     # 20 trials: 3 uniform, up to 4 allocator plans, 3 refine, and room for the proxy's cost, which is timed (in full
@@ -138,6 +139,10 @@ def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interac
     )
     assert all("predicted_fitness" in t.user_attrs for t in allocator + refine)
     assert trials[-len(refine) :] == refine  # the refine step runs last
+    # every phase that can take minutes shows progress; log numbers are rounded to what they mean
+    err = capsys.readouterr().err
+    assert "sensitivity:" in err and "token/s" in err and "trial/s" in err
+    assert caplog.messages and not [m for m in caplog.messages if re.search(r"\d\.\d{7,}", m)]
     digests = [t.user_attrs["plan_digest"] for t in refine]
     assert len(set(digests)) == len(digests)  # it never proposes a measured plan
     inter = list(csv.DictReader((out / "interactions.csv").open()))
