@@ -66,6 +66,8 @@ def _one_line_composition_errors() -> None:
             try:
                 return func()
             except HydraException as e:
+                if _STARTED:  # raised inside the task: a bug, Hydra reports it
+                    raise
                 overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
                 print(error_line(composition_error(e, overrides)), file=sys.stderr)
                 sys.exit(2)
