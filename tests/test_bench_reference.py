@@ -226,7 +226,7 @@ def test_builder_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["--menu", "seed", "--out", str(out), "eval.nope=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(
-        "qsweep.bench.reference: error: bad override in 'eval.nope=3': "
+        "qsweep.bench.reference: error: unknown config key 'eval.nope' (did you mean eval.name, "
     )
     assert not out.exists()
 
