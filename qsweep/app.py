@@ -45,6 +45,7 @@ from qsweep.search.select import (
 )
 from qsweep.search.sensitivity import proxy_cost_evals
 from qsweep.search.space import SearchSpace
+from qsweep.search.storage import is_journal
 from qsweep.search.study import (
     count_done,
     default_study_name,
@@ -153,8 +154,10 @@ def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score,
 
 def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> None:
     """A new proxy table that would spend all of ``search.n_trials`` is refused before it is computed (its cost
-    is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing)."""
-    if search.sensitivity != "proxy" or "sensitivity" in study.user_attrs:
+    is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing).
+    ``study`` None: the storage does not exist yet, so no study in it holds a table (checked before it is made,
+    so a refused run leaves no empty study file)."""
+    if search.sensitivity != "proxy" or (study is not None and "sensitivity" in study.user_attrs):
         return
     ev = session.evaluator(split)
     tokens = min(search.sensitivity_tokens or ev.n_tokens, ev.n_tokens)
@@ -164,6 +167,13 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
                           f"(about {cost:.1f} evaluations for search.sensitivity_tokens={search.sensitivity_tokens}"
                           f" of the {ev.n_tokens} tokens of split {split!r}): use search.n_trials>="
                           f"{math.floor(cost) + 2}, fewer search.sensitivity_tokens, or search.warm_start=false")  # fmt: skip
+
+
+def _storage_file_is_new(url: str) -> bool:
+    """Whether ``url`` names an SQLite or journal file that does not exist yet (a new study, no stored table)."""
+    if url.startswith("sqlite:///"):
+        return not Path(url[len("sqlite:///") :]).exists()
+    return is_journal(url) and not Path(url).exists()
 
 
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
@@ -177,6 +187,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     enqueue = reference_plans(list(search.enqueue), space, session.table, cfg.precision.name)
     seed = search.seed + cfg.worker  # workers of one study propose different plans (README: Distributed)
     url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
+    if search.warm_start and _storage_file_is_new(url):
+        _check_the_budget_pays_for_the_table(None, session, search, cfg.eval.search_split)
     storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
     identity = study_identity(cfg, search, session.context, session.dtype)
     log.info("study %r (%s, %s objective, %d trials, seed %d) on split %r; %d plans enqueued; search space: %d "

@@ -20,6 +20,7 @@ import yaml
 from conftest import ROOT, compose_config
 
 from qsweep.app import evaluate_one, run_search
+from qsweep.errors import ConfigError
 from qsweep.paths import config_dir
 from qsweep.plan import PlanError
 from qsweep.search.space import SearchSpace
@@ -386,6 +387,18 @@ def test_resume_with_another_protocol_is_refused(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("qsweep: error: study 's'") and "protocol" in last and "max_tokens=1024" in last
     assert states(study_of(f"sqlite:///{db}", "s")) == before
+
+
+def test_a_budget_the_proxy_table_would_spend_is_refused_before_a_study_file_exists(tmp_path, bundled_cache):
+    cfg = compose_cfg("+search=nsga2", "search.n_trials=2", *WARM, "search.refine_trials=null", tmp_path=tmp_path,
+                      cache_dir=bundled_cache)  # fmt: skip
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(
+        ConfigError, match=r"search.n_trials=2 leaves no trial after the proxy sensitivity table"
+    ):
+        run_search(cfg, out)
+    assert not (out / "study.db").exists()  # the default storage: nothing left behind
 
 
 def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
