@@ -46,6 +46,32 @@ def quiet_third_parties(verbose: bool = False) -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _overrides() -> list[str]:
+    """The command line's overrides, as Hydra's own parser reads them (``-cn NAME``, ``--cfg job`` left out)."""
+    from hydra._internal.utils import get_args_parser
+
+    return list(get_args_parser().parse_known_args(sys.argv[1:])[0].overrides)
+
+
+def _in_the_run_directory(filename) -> bool:
+    """Whether ``filename`` (of an OSError during Hydra's set-up) is in, or on the way to, the run or sweep directory:
+    ``hydra.run.dir`` / ``hydra.sweep.dir`` as overridden, else under conf/config.yaml's defaults (outputs/,
+    multirun/). Hydra's state is already reset when its error reaches us, so the overrides are read instead."""
+    if not filename:
+        return False
+    given = [
+        o.split("=", 1)[1]
+        for o in _overrides()
+        if o.lstrip("+").startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+    ]
+    path = Path(str(filename)).absolute()
+    for d in [*given, "outputs", "multirun"]:
+        root = Path(d).absolute()
+        if path == root or root in path.parents or path in root.parents:
+            return True
+    return False
+
+
 def _one_line_composition_errors() -> None:
     """Hydra prints its composition errors (an unknown key, an unknown option of a group, an unparsable override)
     in 6-16 lines with exit status 1, from ``hydra._internal.utils.run_and_report``, which wraps composition and
@@ -68,15 +94,17 @@ def _one_line_composition_errors() -> None:
             except HydraException as e:
                 if _STARTED:  # raised inside the task: a bug, Hydra reports it
                     raise
-                overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
-                print(error_line(composition_error(e, overrides)), file=sys.stderr)
+                print(error_line(composition_error(e, _overrides())), file=sys.stderr)
                 sys.exit(2)
             except OSError as e:
                 if _STARTED:  # the task's own: not Hydra's set-up
                     raise
                 where = f"{e.filename!s}: " if e.filename else ""
-                print(f"qsweep: error: cannot write the run directory ({where}{e.strerror or e}); set "
-                      f"hydra.run.dir (hydra.sweep.dir with -m) to a writable directory", file=sys.stderr)  # fmt: skip
+                if _in_the_run_directory(e.filename):
+                    print(f"qsweep: error: cannot write the run directory ({where}{e.strerror or e}); set "
+                          f"hydra.run.dir (hydra.sweep.dir with -m) to a writable directory", file=sys.stderr)  # fmt: skip
+                else:
+                    print(f"qsweep: error: Hydra's set-up failed ({where}{e.strerror or e})", file=sys.stderr)
                 sys.exit(2)
 
         return original(guarded)

@@ -154,15 +154,27 @@ def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
 
 
-def _keys_beside(key: str, overrides: Sequence[str]) -> list[str]:
-    """The full keys next to ``key`` (its parent node's) in the config composed with the other ``overrides`` (or,
-    if they fail too, with their group selections only, or none); [] when that fails as well. Only for suggesting
-    a misspelt key."""
+def _first_of_sweep(override: str) -> str | None:
+    """A multirun override as the first job sees it (``k=a,b`` -> ``k=a``); None for sweeps written as functions
+    (``choice(...)``, ``range(...)``), which are left out of a suggestion's composition."""
+    key, sep, value = override.partition("=")
+    if not sep or not any(c in value for c in ",("):
+        return override
+    if "(" in value or "[" in value or "{" in value or "'" in value or '"' in value:
+        return None
+    return f"{key}={value.split(',')[0]}"
+
+
+def _keys_beside(key: str, overrides: Sequence[str]) -> tuple[list[str], bool]:
+    """The full keys next to ``key`` (its parent node's) in the config composed with the other ``overrides`` (a
+    sweep's first value; if they fail too, their group selections only, or none), and whether the parent node
+    exists there; ([], False) when that fails as well. Only for suggesting a misspelt key."""
     from omegaconf import DictConfig
 
     parent, _, _ = key.rpartition(".")
     name = lambda o: o.lstrip("+~").split("=", 1)[0]  # noqa: E731
-    others = [o for o in overrides if name(o) != key and not name(o).startswith("hydra.")]
+    firsts = [_first_of_sweep(o) for o in overrides]
+    others = [o for o in firsts if o and name(o) != key and not name(o).startswith("hydra.")]
     groups = [o for o in others if "." not in name(o) and name(o) in _groups()]
     for attempt in (others, groups, []):
         try:
@@ -171,9 +183,9 @@ def _keys_beside(key: str, overrides: Sequence[str]) -> list[str]:
             continue
         node = OmegaConf.select(cfg, parent) if parent else cfg
         if isinstance(node, DictConfig):
-            return [f"{parent}.{k}" if parent else str(k) for k in node]
-        return []
-    return []
+            return [f"{parent}.{k}" if parent else str(k) for k in node], True
+        return [], False
+    return [], False
 
 
 def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> ConfigError:
@@ -207,10 +219,12 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> Conf
         )
     if m and cause and ("not in struct" in cause[0] or "Key" in cause[0]):
         key = m.group(1)
-        beside = _keys_beside(key, overrides)
+        beside, parent_exists = _keys_beside(key, overrides)
         valid = f"; valid keys there: {', '.join(k.rpartition('.')[2] for k in beside)}" if beside else ""
         group = key.partition(".")[0]
-        if not beside and "." in key and group in _groups():
+        if parent_exists and not beside:  # an empty mapping (plan.units): keys are added with +
+            valid = f"; to add it there, use +{key}=VALUE"
+        elif not parent_exists and "." in key and group in _groups():
             options = _group_options(group)
             valid = f"; no {group} is selected: choose one with +{group}=OPTION ({', '.join(options)}) first"
         return ConfigError(f"unknown config key {key!r}{did_you_mean(key, beside)}{valid}")

@@ -78,8 +78,8 @@ def _hf_text(cfg: Mapping, split: str) -> str:
     except Exception as e:
         if offline:
             raise DataLoadError(
-                f"cannot load dataset {name}/{subset} split {split!r}: the Hugging Face hub is out of reach "
-                f"({offline}) and no copy is in the local cache; {fix}"
+                f"cannot load dataset {name}/{subset} split {split!r} ({first_line(e)}): the Hugging Face hub is "
+                f"out of reach ({offline}), so only a copy in the local cache can be used; {fix}"
             ) from None
         raise DataLoadError(
             f"cannot load dataset {name}/{subset} split {split!r} through `datasets` ({first_line(e)}); offline, "

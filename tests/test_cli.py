@@ -189,6 +189,7 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):
         (["eval.contxt=3"], "unknown config key 'eval.contxt' (did you mean eval.context"),
         (["+serch=nsga2"], "unknown config key 'serch' (did you mean search?)"),  # + adds keys Hydra would keep
         (["+model.nme=x"], "unknown config key 'model.nme' (did you mean model.name"),
+        (["plan.units.x=int8"], "unknown config key 'plan.units.x'; to add it there, use +plan.units.x=VALUE"),
         (["+search=nsgaa2"], "unknown option 'nsgaa2' of config group 'search' (did you mean nsga2?); valid: gp, "),
         (["plan=nonexistent"], "unknown option 'nonexistent' of config group 'plan'; valid: all_int8_attn, "),
         (["precision=bogus"], "unknown option 'bogus' of config group 'precision'; valid: gguf, lowbit, open, seed"),
@@ -208,7 +209,11 @@ def test_a_composition_error_is_one_line_naming_the_fix(overrides, message):
 
 def test_the_cli_prints_hydras_composition_errors_as_one_line_with_exit_2(tmp_path):
     # Hydra itself prints 6-16 lines and exits 1 (qsweep.__main__._one_line_composition_errors); a multirun too
-    for args in (["+search=nsgaa2"], ["-m", "+search=nsga2", "search.n_trials=3,4", "search.seedd=1"]):
+    for args in (
+        ["+search=nsgaa2"],
+        ["-m", "+search=nsga2", "search.n_trials=3,4", "search.seedd=1"],
+        ["-m", "+search=tpe,random", "search.seedd=1"],
+    ):  # a sweep of the group: its first option is read
         proc = subprocess.run([sys.executable, "-m", "qsweep", *args, f"hydra.run.dir={tmp_path / 'run'}",
                                f"hydra.sweep.dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=ROOT,
                               timeout=300)  # fmt: skip

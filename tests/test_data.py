@@ -108,9 +108,10 @@ def test_an_unreachable_hub_fails_at_once_without_retries(monkeypatch):
         constants.HF_HUB_OFFLINE,
     )
     assert str(err.value) == (
-        "cannot load dataset wikitext/wikitext-2-raw-v1 split 'test': the Hugging Face hub is out of reach "
-        "(huggingface.co:443 does not answer: test) and no copy is in the local cache; pass a local UTF-8 text file "
-        "with data.path=FILE (or a directory of <split>.txt files), or use the bundled corpus (data=tiny)"
+        "cannot load dataset wikitext/wikitext-2-raw-v1 split 'test' (ConnectionError: Couldn't reach 'wikitext' on "
+        "the Hub (OfflineModeIsEnabled)): the Hugging Face hub is out of reach (huggingface.co:443 does not answer: "
+        "test), so only a copy in the local cache can be used; pass a local UTF-8 text file with data.path=FILE (or "
+        "a directory of <split>.txt files), or use the bundled corpus (data=tiny)"
     )
 
 

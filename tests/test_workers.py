@@ -364,7 +364,14 @@ def test_a_password_on_the_command_line_is_refused_before_hydra_writes_the_run_d
     assert "secret" not in proc.stdout + proc.stderr and not run.exists()  # .hydra/*.yaml never written
     assert main(["-n", "1", "--dir", str(tmp_path / "w"), override]) == 2  # the launcher refuses it too
     assert "secret" not in capsys.readouterr().err and not (tmp_path / "w").exists()
-    # without a password (a local socket, trust auth) the URL is fine on the command line
+    # without a password (trust or ~/.pgpass authentication; a ${oc.env:...} password, saved unresolved) the URL is
+    # fine on the command line; a password anywhere in a sweep or a query string is not
     from qsweep.search.storage import refuse_passwords_in_overrides
 
-    refuse_passwords_in_overrides(["storage.url=postgresql://u@db/q", "storage=postgres"])
+    refuse_passwords_in_overrides(["storage.url=postgresql://u@db/q", "storage=postgres",
+                                   "storage.url=postgresql://u:${oc.env:PW}@db/q"])  # fmt: skip
+    for hidden in ("storage.url=postgresql://u@h/db?password=secret", "storage.url=choice(postgresql://u:secret@h/db)",
+                   "storage.url=postgresql://u@h/db,postgresql://u:secret@h/db2"):  # fmt: skip
+        with pytest.raises(ConfigError, match="holds a password") as err:
+            refuse_passwords_in_overrides([hidden])
+        assert "secret" not in str(err.value) and "***" in str(err.value)

@@ -14,8 +14,10 @@ One record type (:class:`SensitivityTable`) for two ways of filling it:
   for the Hessian; N scored tokens). Per-token gradients are too dear, so ``fisher="rademacher"`` (default) takes,
   per batch, the gradient ``R_b`` of ``sum_t s_t nll_t`` with random signs ``s_t = +-1``: ``E[R_b**2] =
   sum_{t in b} (grad nll_t)**2`` exactly, as the cross terms cancel in expectation. That is a second backward per
-  batch; ``fisher="batch"`` uses the plain batch gradient ``G_b**2`` instead (one backward, but biased upward by
-  the within-batch cross terms: with one batch it is ``N * g**2``).
+  backward pass (a batch, or a part of it: :func:`~qsweep.memory.proxy_pass_tokens`, 2,048 tokens on the CPU, 4,096
+  on a GPU); ``fisher="batch"`` uses the plain pass gradient ``G_b**2`` instead (one backward, but biased upward by
+  the within-pass cross terms: with one pass it is ``N * g**2``, so its values depend on the pass size, and so on
+  the device).
   Why this one and not ModelOpt's output-space score ``sum_t ((dL/dY) (Y_q - Y))**2``: it needs no extra forward
   per format and layer (the output-space score re-runs every layer once per format), it covers every parameter
   kind the same way (embeddings, biases, norms, a tied head) with no per-module code, and it is already in the

@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -338,18 +339,32 @@ def _check_journal_file(file: Path) -> None:
         )
 
 
+# a password in a URL: user:PASSWORD@ (not a ${...} interpolation, which Hydra saves unresolved) or ?password=
+_URL_PASSWORD = re.compile(r"://[^/@:\s,]*:(?!\$\{)[^@/\s,]+@|[?&]password=(?!\$\{)[^&\s,]+", re.IGNORECASE)
+
+
+def _masked(m: re.Match) -> str:
+    """A :data:`_URL_PASSWORD` match with the password as ``***`` (``://user:***@``, ``?password=***``)."""
+    text = m.group(0)
+    if text.startswith("://"):
+        return text[: text.index(":", 3) + 1] + "***@"
+    return text.split("=", 1)[0] + "=***"
+
+
 def refuse_passwords_in_overrides(overrides) -> None:
-    """A ``storage.url=...`` override holding a password is refused (:class:`ConfigError`, one line) before Hydra
-    saves the overrides in the run directory (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``, mode 0644)
-    and while it is still only in the process list: the line says to pass it in ``QSWEEP_STORAGE_URL``, which the
-    saved config holds as ``${oc.env:QSWEEP_STORAGE_URL}``, unresolved."""
+    """A ``storage.url=...`` override holding a password (``user:PASSWORD@``, ``?password=``; in any value of a
+    sweep or ``choice(...)``) is refused (:class:`ConfigError`, one line) before Hydra saves the overrides in the
+    run directory (``.hydra/overrides.yaml``, ``config.yaml``, ``hydra.yaml``, mode 0644) and while it is still only
+    in the process list: the line says to pass it in ``QSWEEP_STORAGE_URL``, which the saved config holds as
+    ``${oc.env:QSWEEP_STORAGE_URL}``, unresolved (as it holds a ``${oc.env:...}`` password inside a URL)."""
     for o in overrides:
         key, sep, value = o.lstrip("+~").partition("=")
-        if sep and key.strip() == "storage.url" and _password(value.strip().strip("'\"")):
+        if sep and key.strip() == "storage.url" and _URL_PASSWORD.search(value):
+            shown = _URL_PASSWORD.sub(_masked, value)
             raise ConfigError(
-                f"storage.url={display_url(value.strip().strip(chr(39) + chr(34)))!r} holds a password, which Hydra "
-                f"would save in the run directory (.hydra/*.yaml); export QSWEEP_STORAGE_URL='...' (this URL) and "
-                f"pass storage=postgres instead"
+                f"storage.url={shown.strip(chr(39) + chr(34))!r} holds a password, which Hydra would save in the "
+                f"run directory (.hydra/*.yaml); export QSWEEP_STORAGE_URL='...' (this URL) and pass "
+                f"storage=postgres instead"
             )
 
 
