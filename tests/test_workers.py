@@ -375,3 +375,14 @@ def test_a_password_on_the_command_line_is_refused_before_hydra_writes_the_run_d
         with pytest.raises(ConfigError, match="holds a password") as err:
             refuse_passwords_in_overrides([hidden])
         assert "secret" not in str(err.value) and "***" in str(err.value)
+
+
+def test_a_password_is_hidden_wherever_the_url_holds_it():
+    from qsweep.search.storage import display_url
+
+    assert display_url("postgresql+psycopg2://u:secret@db:5432/q") == "postgresql+psycopg2://u:***@db:5432/q"
+    shown = display_url("postgresql://u@db/q?sslmode=require&password=secret")  # SQLAlchemy sorts the query
+    assert (
+        "secret" not in shown and "password=***" in shown and "sslmode=require" in shown
+    )  # hide_password left it
+    assert display_url("postgresql://u@db/q") == "postgresql://u@db/q"

@@ -87,9 +87,10 @@ def display_url(url: str) -> str:
     try:
         from sqlalchemy.engine import make_url
 
-        return make_url(url).render_as_string(hide_password=True)
+        shown = make_url(url).render_as_string(hide_password=True)
     except Exception:  # not parseable: show only the scheme
         return url.split("://", 1)[0] + "://***"
+    return re.sub(r"([?&]password=)[^&]+", r"\1***", shown, flags=re.IGNORECASE)  # a libpq query parameter
 
 
 class StudyLock:
