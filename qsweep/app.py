@@ -45,7 +45,7 @@ from qsweep.search.select import (
 )
 from qsweep.search.sensitivity import proxy_cost_evals
 from qsweep.search.space import SearchSpace
-from qsweep.search.storage import is_journal
+from qsweep.search.storage import is_new_storage_file
 from qsweep.search.study import (
     count_done,
     default_study_name,
@@ -169,13 +169,6 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
                           f"{math.floor(cost) + 2}, fewer search.sensitivity_tokens, or search.warm_start=false")  # fmt: skip
 
 
-def _storage_file_is_new(url: str) -> bool:
-    """Whether ``url`` names an SQLite or journal file that does not exist yet (a new study, no stored table)."""
-    if url.startswith("sqlite:///"):
-        return not Path(url[len("sqlite:///") :]).exists()
-    return is_journal(url) and not Path(url).exists()
-
-
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
@@ -187,7 +180,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     enqueue = reference_plans(list(search.enqueue), space, session.table, cfg.precision.name)
     seed = search.seed + cfg.worker  # workers of one study propose different plans (README: Distributed)
     url, name = storage_url(cfg, out_dir), default_study_name(cfg, search)
-    if search.warm_start and _storage_file_is_new(url):
+    if search.warm_start and is_new_storage_file(url):
         _check_the_budget_pays_for_the_table(None, session, search, cfg.eval.search_split)
     storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
     identity = study_identity(cfg, search, session.context, session.dtype)

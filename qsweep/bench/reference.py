@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from qsweep.errors import ConfigError
+from qsweep.errors import ConfigError, one_line_errors
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import SIZE_METRICS
@@ -329,11 +329,11 @@ def load_reference(menu: str, path: str | Path | None = None) -> ReferenceFront:
     )
 
 
+@one_line_errors("qsweep.bench.reference")
 def main(argv: Sequence[str] | None = None) -> int:
     from omegaconf import OmegaConf
 
     from qsweep.config import compose_config
-    from qsweep.errors import QsweepError, user_error_line
     from qsweep.paths import config_dir
     from qsweep.session import EvalSession
 
@@ -354,19 +354,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     start = time.perf_counter()
-    try:
-        menus = sorted(f.stem for f in (config_dir() / "precision").glob("*.yaml"))
-        if args.menu not in menus:
-            raise ConfigError(f"unknown --menu {args.menu!r}; valid: {', '.join(menus)} (conf/precision/)")
-        cfg = compose_config([*DEFAULTS, f"precision={args.menu}", *args.overrides])
-        session = EvalSession(cfg)
-        menu = OmegaConf.to_container(cfg.precision.menu, resolve=True)
-        command = shlex.join(["python", "-m", "qsweep.bench.reference", *argv])
-        doc = build_reference(session, menu, args.menu, evals=args.evals, seconds=args.seconds, seed=args.seed,
-                              split=args.split, top=args.top, command=command, archive=args.archive)  # fmt: skip
-    except QsweepError as e:
-        print(user_error_line("qsweep.bench.reference", e), file=sys.stderr)
-        return 2
+    menus = sorted(f.stem for f in (config_dir() / "precision").glob("*.yaml"))
+    if args.menu not in menus:
+        raise ConfigError(f"unknown --menu {args.menu!r}; valid: {', '.join(menus)} (conf/precision/)")
+    cfg = compose_config([*DEFAULTS, f"precision={args.menu}", *args.overrides])
+    session = EvalSession(cfg)
+    menu = OmegaConf.to_container(cfg.precision.menu, resolve=True)
+    command = shlex.join(["python", "-m", "qsweep.bench.reference", *argv])
+    doc = build_reference(session, menu, args.menu, evals=args.evals, seconds=args.seconds, seed=args.seed,
+                          split=args.split, top=args.top, command=command, archive=args.archive)  # fmt: skip
     write_reference(doc, args.out)
     b = doc["best"]
     print(f"{args.menu}: {doc['evaluations']['total']} evaluations in {time.perf_counter() - start:.0f} s on "

@@ -49,7 +49,7 @@ from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problems, save_problems
-from qsweep.errors import QsweepError, user_error_line
+from qsweep.errors import one_line_errors
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
 from qsweep.search.allocate import EXACT, Allocator
@@ -245,6 +245,7 @@ def table_lines(
     return lines
 
 
+@one_line_errors("python -m qsweep.bench.synthetic")
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m qsweep.bench.synthetic", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd")
@@ -304,8 +305,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except QsweepError as e:  # a user error (a bad file): one line, no traceback
-        print(user_error_line("python -m qsweep.bench.synthetic", e), file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(main())

@@ -80,6 +80,18 @@ def storage_url(cfg: DictConfig, out_dir: Path) -> str:
     return str(Path(url).expanduser().resolve()) if is_journal(url) else url
 
 
+def _sqlite_path(url: str) -> str | None:
+    """The file of an ``sqlite:///FILE`` URL; None for other URLs and in-memory databases."""
+    path = url.removeprefix("sqlite:///")
+    return None if path == url or path in ("", ":memory:") else path
+
+
+def is_new_storage_file(url: str) -> bool:
+    """Whether ``url`` names an SQLite or journal file that does not exist yet (so no study is stored in it)."""
+    path = _sqlite_path(url) or (url if is_journal(url) else None)
+    return path is not None and not Path(path).exists()
+
+
 def display_url(url: str) -> str:
     """``url`` with any password replaced by ``***``: what logs, errors and results may show."""
     if is_journal(url):
@@ -272,8 +284,8 @@ def open_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
             if is_journal(url):
                 return _open_journal(url, beat)
             if url.startswith("sqlite"):
-                path = url.removeprefix("sqlite:///")
-                if path != url and path not in ("", ":memory:"):
+                path = _sqlite_path(url)
+                if path is not None:
                     _check_sqlite_file(url, path)
                     _hold_sqlite(url, path)
                 lock, engine_kwargs = StudyLock(), {}
