@@ -53,6 +53,7 @@ from qsweep.search.study import (
     open_storage,
     open_study,
     reference_plans,
+    spent,
     storage_url,
     study_identity,
 )
@@ -197,8 +198,11 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                           attrs={"search_split": cfg.eval.search_split, "report_split": cfg.eval.report_split,
                                  f"worker:{cfg.worker}": {"sampler_seed": seed}})  # fmt: skip
 
-    run = build_study(space, lambda plan: session.score(plan, cfg.eval.search_split), search, seed=seed,
-                      reference=enqueue, open_study=open_stored)  # fmt: skip
+    def score(plan, stop=None, resume=None):
+        return session.score(plan, cfg.eval.search_split, stop, resume)
+
+    run = build_study(space, score, search, seed=seed, reference=enqueue, open_study=open_stored,
+                      windows=session.evaluator(cfg.eval.search_split), penalty=session.penalty)  # fmt: skip
     study, objective = run.study, run.objective
     table, budget = None, search.n_trials
     spent_on_table = 0.0  # the sensitivity table's cost, in evaluations
@@ -219,14 +223,13 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                 table.write_csv(out_dir / "sensitivity.csv")
             budget = run.run(session, table)
         except KeyboardInterrupt:
-            log.warning("interrupted with %d of %d trials done; the study is stored. Resume with: %s",
-                        count_done(study), trial_budget(search.n_trials, spent_on_table),
+            log.warning("interrupted with %.2f of %.2f evaluations spent (%d trials done); the study is stored. "
+                        "Resume with: %s", spent(study) + spent_on_table, search.n_trials, count_done(study),
                         resume_command(_task_overrides(), url, name))  # fmt: skip
             raise
         except ResourceError as e:  # out of memory: one line, and the study resumes where it stopped
-            raise ResourceError(f"{e}; the study is stored ({count_done(study)} of "
-                                f"{trial_budget(search.n_trials, spent_on_table)} trials "
-                                f"done): resume with {resume_command(_task_overrides(), url, name)} and the "
+            raise ResourceError(f"{e}; the study is stored ({spent(study) + spent_on_table:.2f} of "
+                                f"{search.n_trials} evaluations spent): resume with {resume_command(_task_overrides(), url, name)} and the "
                                 f"lowered setting") from None  # fmt: skip
 
     trials = study.get_trials(deepcopy=False)
@@ -270,7 +273,8 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             "file": str(out_dir / "sensitivity.json"),
         },
         "trial_budget": budget,
-        "evaluations_spent": count_done(study) + spent_on_table,
+        "evaluations_spent": spent(study) + spent_on_table,
+        "n_trials_pruned": sum(t.state.name == "PRUNED" for t in trials),
         "n_trials_failed": sum(t.state.name == "FAIL" for t in trials),
         "n_duplicates": sum("duplicate_of" in t.user_attrs for t in trials),
         "n_evaluated_this_run": objective.n_evaluated,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qsweep.device import DEVICES, resolve_device
 from qsweep.errors import ConfigError
 
 __all__ = [
@@ -36,13 +36,12 @@ __all__ = [
     "EvalResult",
     "Evaluator",
     "Window",
+    "partial_result",
     "resolve_device",
     "sliding_windows",
 ]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEVICES = "auto, cpu, cuda, cuda:N, mps"
-_DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 # Sample size of one evaluation. Below MIN_SCORED_TOKENS a perplexity is refused (a handful of tokens measures
 # nothing); below CI_MIN_TOKENS or CI_MIN_WINDOWS it is warned about: the paired CI treats windows as samples, and
 # a spread over one to three windows is not an interval worth reporting.
@@ -91,6 +90,12 @@ class EvalResult:
     seconds: float
     error: str | None = None
     extra: dict = field(default_factory=dict)
+    split_tokens: int = 0  # the scored tokens of the whole split (0: unknown; a partial result has fewer)
+
+    @property
+    def share(self) -> float:
+        """The share of the split's scored tokens this result covers (1.0 for a full evaluation)."""
+        return self.n_tokens / self.split_tokens if self.split_tokens else 1.0
 
     @property
     def ok(self) -> bool:
@@ -103,32 +108,13 @@ class EvalResult:
         return math.exp(self.nll_sum / self.n_tokens)
 
 
-def resolve_device(name: str | torch.device | None) -> torch.device:
-    """``auto`` (or None): CUDA when available, else CPU; else one of :data:`DEVICES`, which must exist here.
-
-    Raises :class:`ConfigError` naming ``eval.device`` for an unknown name or a device this machine lacks.
-    """
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    text = str(name)
-    if not _DEVICE_RE.fullmatch(text):
-        raise ConfigError(f"unknown eval.device {text!r}; valid: {DEVICES}")
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "a CPU-only PyTorch build" if torch.version.cuda is None else "no usable GPU or driver"
-            raise ConfigError(
-                f"eval.device={text} but CUDA is not available here ({build}, torch {torch.__version__}); "
-                f"use eval.device=auto or eval.device=cpu"
-            )
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ConfigError(
-                f"eval.device={text} but this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-            )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"eval.device={text} but MPS is not available here; use eval.device=auto or cpu")
-    return device
+def partial_result(result: EvalResult, stop: int) -> EvalResult:
+    """``result`` restricted to its first ``stop`` windows (the baseline a partial score is paired with)."""
+    if stop >= len(result.window_nll):
+        return result
+    nll, tokens = result.window_nll[:stop], result.window_tokens[:stop]
+    return EvalResult(float(nll.sum()), int(tokens.sum()), nll, tokens, result.seconds, result.error,
+                      split_tokens=result.split_tokens or result.n_tokens)  # fmt: skip
 
 
 @dataclass
@@ -222,40 +208,72 @@ class Evaluator:
         return self._compiled
 
     @torch.inference_mode()
-    def evaluate(self, model: nn.Module) -> EvalResult:
-        """Sum of NLL over the scored tokens of ``model`` (already on ``self.device``, weights in fp32)."""
+    def evaluate(
+        self, model: nn.Module, stop: int | None = None, resume: EvalResult | None = None
+    ) -> EvalResult:
+        """Sum of NLL over the scored tokens of ``model`` (already on ``self.device``, weights in fp32).
+
+        ``stop``: score only the first ``stop`` windows (a partial evaluation: a lower fidelity of the split, whose
+        result holds those windows only); ``resume``: a partial result of the same model on the first windows, to be
+        extended to ``stop`` without scoring them again (racing: qsweep.search.racing)."""
+        n = len(self.windows)
+        stop = n if stop is None else min(max(1, int(stop)), n)
+        first = 0 if resume is None else len(resume.window_nll)
+        if first > stop:
+            raise ValueError(f"cannot resume a result of {first} windows to {stop}")
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         start = time.perf_counter()
         base, head, score = model.base_model, model.get_output_embeddings(), self._scorer()
-        window_nll = torch.zeros(len(self.windows), dtype=torch.float64, device=self.device)
+        window_nll = torch.zeros(stop, dtype=torch.float64, device=self.device)
+        if resume is not None:
+            window_nll[:first] = resume.window_nll.to(self.device)
         autocast = torch.autocast(
             self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=self.dtype != "fp32"
         )
+        finite = resume is None or resume.ok
         for i, b in enumerate(self._batches):
+            rows = b.inputs.shape[0]
+            if not finite or b.first_window >= stop or b.first_window + rows <= first:
+                continue
+            inputs, positions, targets, window_ids = _window_range(b, first, stop)
             with autocast:
-                nll = score(base, head, b.inputs, b.positions, b.targets, self.logits_chunk)  # [M] fp32
-            window_nll.index_add_(0, b.window_ids, nll.double())
+                nll = score(base, head, inputs, positions, targets, self.logits_chunk)  # [M] fp32
+            window_nll.index_add_(0, window_ids, nll.double())
             # A failing plan (int2 everywhere, say) is usually non-finite from its first batch: stop early. Checked
             # only every 8 batches, since each check makes the host wait for the GPU.
-            if i % 8 == 0 and not torch.isfinite(window_nll[b.first_window]):
+            if i % 8 == 0 and not torch.isfinite(window_nll[max(first, b.first_window)]):
                 break
         sync()
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + (resume.seconds if resume is not None else 0.0)
         window_nll = window_nll.cpu()
+        tokens = self.window_tokens[:stop]
+        n_tokens = int(tokens.sum())
         total = float(window_nll.sum())
         error = None
         bad = (~torch.isfinite(window_nll)).nonzero()
-        if len(bad):
+        if resume is not None and not resume.ok:
+            error = resume.error
+        elif len(bad):
             error = f"non-finite loss from window {int(bad[0])} of {len(self.windows)}"
-        elif total / self.n_tokens > 700:  # exp() of more overflows a float64
-            error = f"perplexity overflows (mean NLL {total / self.n_tokens:.1f})"
-        return EvalResult(total, self.n_tokens, window_nll, self.window_tokens, seconds, error)
+        elif total / n_tokens > 700:  # exp() of more overflows a float64
+            error = f"perplexity overflows (mean NLL {total / n_tokens:.1f})"
+        return EvalResult(total, n_tokens, window_nll, tokens, seconds, error, split_tokens=self.n_tokens)
+
+    def windows_within(self, share: float) -> int:
+        """The most windows whose scored tokens are at most ``share`` of the split's (0 when even the first is
+        more): how far a partial evaluation may go on that share of one full evaluation."""
+        cum = torch.cumsum(self.window_tokens, 0)
+        return int((cum <= share * self.n_tokens + 1e-9).sum())
 
     def first_tokens(self, n: int) -> Evaluator:
         """The same protocol on the first ``n`` token ids only (a cheaper, noisier fidelity of this split)."""
         return Evaluator(self._ids[:n], self._context, self._stride, batch_size=self._batch_size, dtype=self.dtype,
                          logits_chunk=self.logits_chunk, device=self.device, compile=self.compile)  # fmt: skip
+
+    @property
+    def n_windows(self) -> int:
+        return len(self.windows)
 
     # Per-batch access, for work that keeps state per batch (qsweep.prefix, qsweep.search.sensitivity).
     @property
@@ -296,6 +314,17 @@ class Evaluator:
             with _checkpointed_layers(model):
                 return _score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
                                     checkpoint=True)  # fmt: skip
+
+
+def _window_range(b: _Batch, first: int, stop: int):
+    """Batch ``b``'s inputs, scored positions, targets and window ids restricted to windows ``[first, stop)``."""
+    rows = b.inputs.shape[0]
+    lo, hi = max(0, first - b.first_window), min(rows, stop - b.first_window)
+    if (lo, hi) == (0, rows):
+        return b.inputs, b.positions, b.targets, b.window_ids
+    per_row = b.inputs.shape[1] - 1
+    keep = (b.positions >= lo * per_row) & (b.positions < hi * per_row)
+    return b.inputs[lo:hi], b.positions[keep] - lo * per_row, b.targets[keep], b.window_ids[keep]
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ import torch
 
 from qsweep.evaluate import EvalResult
 
-__all__ = ["compression", "degradation", "fitness", "paired_degradation_ci"]
+__all__ = ["compression", "degradation", "fitness", "paired_degradation_ci", "paired_delta"]
 
 
 def compression(baseline_bytes: int, plan_bytes: int) -> float:
@@ -40,6 +40,21 @@ def fitness(compression_ratio, degradation_value, penalty: float = 10.0):
     if isinstance(degradation_value, np.ndarray) or isinstance(compression_ratio, np.ndarray):
         return compression_ratio - penalty * np.maximum(0.0, degradation_value)
     return compression_ratio - penalty * max(0.0, degradation_value)
+
+
+def paired_delta(nll: torch.Tensor, ref_nll: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+    """The mean per-token NLL difference of two evaluations on the same windows and its standard error: with
+    ``d_i`` the per-window NLL difference and ``n_i`` the scored tokens of window i (k windows, N tokens), the ratio
+    estimator ``delta = sum(d_i) / N`` and ``se = sqrt(k / (k - 1) * sum(z_i^2)) / N`` from the window residuals
+    ``z_i = d_i - delta * n_i`` (the delta method for a ratio of means; se is inf with fewer than 2 windows)."""
+    d = (nll - ref_nll).double()
+    n = tokens.double()
+    k, total = d.numel(), float(n.sum())
+    delta = float(d.sum()) / total
+    if k < 2:
+        return delta, math.inf
+    z = d - delta * n
+    return delta, math.sqrt(float((z**2).sum()) * k / (k - 1)) / total
 
 
 def paired_degradation_ci(
@@ -68,12 +83,7 @@ def paired_degradation_ci(
     k = plan.window_tokens.numel()
     if k < 2:
         return None
-    d = (plan.window_nll - base.window_nll).double()  # [k]
-    n = plan.window_tokens.double()  # [k]
-    total = float(n.sum())
-    delta = float(d.sum()) / total
-    z = d - delta * n  # [k]
-    se = math.sqrt(float((z**2).sum()) * k / (k - 1)) / total
+    delta, se = paired_delta(plan.window_nll, base.window_nll, plan.window_tokens)
     # stdtrit is the Student-t inverse CDF behind scipy.stats.t.ppf; imported here because scipy.stats alone
     # costs about a second at import time and most imports of qsweep never compute an interval.
     from scipy.special import stdtrit

@@ -29,8 +29,8 @@ SIZE_METRICS = ("packed", "seed")
 RECORD_FIELDS = (
     "split", "plan_digest", "perplexity", "baseline_perplexity", "degradation", "degradation_ci95_low",
     "degradation_ci95_high", "model_size_bytes", "packed_size_bytes", "baseline_size_bytes", "compression_seed",
-    "compression_packed", "fitness_seed", "fitness_packed", "bits_per_param", "eval_tokens", "eval_seconds",
-    "error",
+    "compression_packed", "fitness_seed", "fitness_packed", "bits_per_param", "eval_tokens", "eval_share",
+    "eval_seconds", "error",
 )  # fmt: skip
 
 
@@ -95,6 +95,7 @@ class PlanScore:
             "fitness_packed": self.fitness("packed"),
             "bits_per_param": self.bits_per_param,
             "eval_tokens": self.result.n_tokens,
+            "eval_share": self.result.share,  # < 1: a partial evaluation (racing), on the split's first windows
             "eval_seconds": self.result.seconds,
             "error": self.result.error,
             "bit_histogram": self.bit_histogram,

@@ -33,6 +33,7 @@ from qsweep.evaluate import (
     MIN_SCORED_TOKENS,
     EvalResult,
     Evaluator,
+    partial_result,
     resolve_device,
 )
 from qsweep.families import resolve_for_model
@@ -241,10 +242,14 @@ class EvalSession:
             return load_plan_file(plan_file, self.table)
         return plan_from_config(_plain(plan_cfg), self.table)
 
-    def evaluate(self, plan: Plan, split: str) -> EvalResult:
+    def evaluate(
+        self, plan: Plan, split: str, stop: int | None = None, resume: EvalResult | None = None
+    ) -> EvalResult:
+        """``plan``'s evaluation on ``split`` (its first ``stop`` windows, extending ``resume``: see
+        :meth:`qsweep.evaluate.Evaluator.evaluate`)."""
         with self.out_of_memory_is_an_error(f"an evaluation on split {split!r}"):
             self.applier.apply_(plan)
-            return self.evaluator(split).evaluate(self.model)
+            return self.evaluator(split).evaluate(self.model, stop=stop, resume=resume)
 
     @contextlib.contextmanager
     def out_of_memory_is_an_error(self, during: str):
@@ -281,14 +286,23 @@ class EvalSession:
             return float(self.pinned_perplexity)
         return self.baseline(split).perplexity
 
-    def score(self, plan: Plan, split: str) -> PlanScore:
-        """Evaluate ``plan`` and the baseline on ``split``; degradation is paired on the same windows."""
+    def score(
+        self, plan: Plan, split: str, stop: int | None = None, resume: PlanScore | None = None
+    ) -> PlanScore:
+        """Evaluate ``plan`` and the baseline on ``split``; degradation is paired on the same windows. ``stop``:
+        on the first ``stop`` windows only (a partial score, against the baseline on those windows), extending
+        the partial score ``resume`` of the same plan (racing: qsweep.search.racing)."""
         if self.pinned_perplexity is not None:
             base_ppl, ci = float(self.pinned_perplexity), None
-            result = self.evaluate(plan, split)
+            result = self.evaluate(plan, split, stop, resume.result if resume is not None else None)
         else:
             base = self.baseline(split)
-            result = base if plan == self.baseline_plan else self.evaluate(plan, split)
+            if plan == self.baseline_plan:
+                result = base if stop is None else partial_result(base, stop)
+            else:
+                result = self.evaluate(plan, split, stop, resume.result if resume is not None else None)
+            if len(result.window_nll) < len(base.window_nll):
+                base = partial_result(base, len(result.window_nll))
             base_ppl, ci = base.perplexity, paired_degradation_ci(result, base) if result.ok else None
         size = model_size_bytes(self.table, plan)
         return PlanScore(

@@ -115,7 +115,7 @@ def test_heartbeats_are_on_by_default_for_sqlite_and_print_no_warnings(tmp_path,
         storage = open_storage(url, cfg.storage.heartbeat_interval, cfg.storage.grace_period)
         study = open_study(storage=storage, url=url, name="s", sampler=optuna.samplers.RandomSampler(seed=0),
                            directions=["minimize"], metric_names=["v"], identity={"k": "v"}, enqueue={})  # fmt: skip
-        optimize(study, lambda t: t.suggest_float("x", 0, 1), n_trials=2, progress=False)
+        optimize(study, lambda t: t.suggest_float("x", 0, 1), budget=2, progress=False)
     assert [
         str(w.message) for w in caught if issubclass(w.category, optuna.exceptions.ExperimentalWarning)
     ] == []
@@ -189,7 +189,7 @@ def test_a_user_error_inside_a_trial_is_not_logged_with_a_traceback(caplog):
 
     study = optuna.create_study()
     with pytest.raises(ConfigError, match=r"data.cache_dir: cannot write"):
-        optimize(study, objective, n_trials=2, progress=False)
+        optimize(study, objective, budget=2, progress=False)
     assert [t.state.name for t in study.trials] == ["FAIL"]
     assert [r for r in caplog.records if r.exc_info or "failed with value None" in r.getMessage()] == []
 

@@ -49,7 +49,7 @@ def _states(study):
 def test_a_signal_during_ask_or_tell_fails_no_trial_and_leaves_none_running(tmp_path, hook, number, complete):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 's.db'}", sampler=_SignalAt(hook, number))
     with interrupts.handling(), pytest.raises(KeyboardInterrupt):
-        optimize(study, _objective, n_trials=5, progress=False)
+        optimize(study, _objective, budget=5, progress=False)
     states = _states(study)
     assert TrialState.RUNNING not in states
     assert states.count(TrialState.COMPLETE) == complete
@@ -64,7 +64,7 @@ def test_a_signal_inside_the_objective_fails_that_trial():
 
     study = optuna.create_study()
     with interrupts.handling(), pytest.raises(KeyboardInterrupt):
-        optimize(study, objective, n_trials=5, progress=False)
+        optimize(study, objective, budget=5, progress=False)
     assert _states(study) == [TrialState.COMPLETE, TrialState.FAIL]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import re
 import shlex
@@ -128,7 +127,8 @@ def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interac
     )  # 26 searchable units x 3 formats, 25 LayerNorms x fp32
     assert menu[1]["formats"] == ["fp16", "int8", "int4"]
     cost = results["sensitivity"]["cost_evals"]
-    assert results["trial_budget"] == 20 - math.ceil(cost) == results["n_trials_done"]
+    assert results["trial_budget"] == pytest.approx(20 - cost)
+    assert 20 - 0.01 < results["evaluations_spent"] <= 20 + 1e-9  # spent to one window's share (132 windows)
     trials = study_of(summary).trials
     labels = [t.user_attrs.get("enqueued_as", "") for t in trials]
     allocator = [t for t, lab in zip(trials, labels, strict=True) if lab.startswith("allocator:")]
@@ -142,7 +142,7 @@ def test_warm_started_study_enqueues_allocator_plans_refines_and_reports_interac
     assert trials[-len(refine) :] == refine  # the refine step runs last
     # every phase that can take minutes shows progress; log numbers are rounded to what they mean
     err = capsys.readouterr().err
-    assert "sensitivity:" in err and "token/s" in err and "trial/s" in err
+    assert "sensitivity:" in err and "token/s" in err and "eval/s" in err
     assert caplog.messages and not [m for m in caplog.messages if re.search(r"\d\.\d{7,}", m)]
     digests = [t.user_attrs["plan_digest"] for t in refine]
     assert len(set(digests)) == len(digests)  # it never proposes a measured plan

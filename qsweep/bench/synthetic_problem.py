@@ -41,7 +41,7 @@ import torch
 
 from qsweep.errors import QsweepError, read_json_file
 from qsweep.evaluate import EvalResult
-from qsweep.metrics import fitness
+from qsweep.metrics import fitness, paired_degradation_ci
 from qsweep.plan import Plan
 from qsweep.score import PlanScore
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
@@ -52,6 +52,7 @@ __all__ = [
     "Problem",
     "ProblemError",
     "ProblemSession",
+    "ProblemWindows",
     "load_problems",
     "save_problems",
 ]
@@ -267,17 +268,44 @@ def load_problems(path: str | Path) -> list[Problem]:
     return [Problem.from_dict(p, f"{path}: problem {k}") for k, p in enumerate(raw.get("problems", []))]
 
 
+class ProblemWindows:
+    """The notional windows of a synthetic evaluation: what racing needs of an evaluator (``n_windows``,
+    ``n_tokens``, ``window_tokens``, ``windows_within``)."""
+
+    def __init__(self, n_windows: int):
+        sizes = np.full(n_windows, _N_TOKENS // n_windows)
+        sizes[: _N_TOKENS % n_windows] += 1
+        self.window_tokens = torch.tensor(sizes, dtype=torch.int64)
+        self.n_windows, self.n_tokens = n_windows, _N_TOKENS
+
+    def windows_within(self, share: float) -> int:
+        return int((torch.cumsum(self.window_tokens, 0) <= share * self.n_tokens + 1e-9).sum())
+
+
 class ProblemSession:
     """A :class:`qsweep.search.protocol.SearchSession` on a synthetic problem: ``score(plan, split)`` returns a
-    :class:`PlanScore` (one notional window, no interval), ``baseline_size_bytes``, ``penalty``; ``n_scored``
-    counts the evaluations (every call, duplicates included: the Objective answers those itself)."""
+    :class:`PlanScore`, ``baseline_size_bytes``, ``penalty``; ``n_scored`` counts the calls and ``evaluations``
+    the full evaluations they add up to (duplicates included: the Objective answers those itself).
 
-    def __init__(self, problem: Problem):
+    ``n_windows`` > 1 splits the notional evaluation into windows, so a plan can be scored on part of them (racing:
+    ``windows`` is what the objective needs): window ``w`` (``n_w`` tokens) has the log-perplexity change
+    ``delta * m_w + e_w``, with a difficulty ``m_w`` shared by every plan (log-normal, spread ``window_spread``) and
+    a plan's own noise ``e_w`` (normal, sd ``window_spread * delta``, seeded by the plan), both weighted to mean 0
+    over the split (``m`` to mean 1), so a full evaluation is exact and a partial one is noisy, as on real text where
+    two quantized plans find the same windows hard."""
+
+    def __init__(self, problem: Problem, n_windows: int = 1, window_spread: float = 0.3):
         self.problem = problem
         self.baseline_size_bytes = problem.baseline_bytes
         self.penalty = problem.penalty
         self.table = None  # no UnitTable: plans are built from the problem's units
         self.n_scored = 0
+        self.evaluations = 0.0
+        self.windows = ProblemWindows(n_windows)
+        self.window_spread = window_spread
+        t = self.windows.window_tokens.double().numpy()
+        m = np.random.default_rng(0).lognormal(0.0, window_spread, n_windows) if n_windows > 1 else np.ones(1)
+        self._difficulty = m / (m * t).sum() * t.sum()
 
     def baseline_perplexity(self, split: str = "validation") -> float:
         return self.problem.base_perplexity
@@ -287,18 +315,43 @@ class ProblemSession:
         p = self.problem
         return 16.0 * float(p.model_size[np.arange(p.n_units), x].sum()) / p.baseline_bytes
 
-    def score(self, plan: Plan, split: str = "validation") -> PlanScore:
+    def _window_nll(self, plan: Plan, delta: float) -> torch.Tensor:
+        t = self.windows.window_tokens.double().numpy()
+        per = delta * self._difficulty
+        if self.windows.n_windows > 1:
+            seed = int(plan.digest()[:12], 16)
+            e = np.random.default_rng(seed).normal(
+                0.0, self.window_spread * abs(delta), self.windows.n_windows
+            )
+            per = per + e - (e * t).sum() / t.sum()
+        return torch.tensor(t * (math.log(self.problem.base_perplexity) + per), dtype=torch.float64)
+
+    def score(
+        self, plan: Plan, split: str = "validation", stop: int | None = None, resume: PlanScore | None = None
+    ) -> PlanScore:
         p = self.problem
         x = p.indices(plan)[None, :]
         self.n_scored += 1
         delta = float(p.delta_nll(x)[0])
-        nll = _N_TOKENS * (math.log(p.base_perplexity) + delta)
-        result = EvalResult(nll, _N_TOKENS, torch.tensor([nll], dtype=torch.float64),
-                            torch.tensor([_N_TOKENS]), seconds=0.0)  # fmt: skip
+        w = self.windows
+        stop = w.n_windows if stop is None else min(max(1, stop), w.n_windows)
+        nll = self._window_nll(plan, delta)[:stop]
+        tokens = w.window_tokens[:stop]
+        done = 0 if resume is None else len(resume.result.window_nll)
+        self.evaluations += float(tokens[done:].sum()) / w.n_tokens
+        result = EvalResult(
+            float(nll.sum()), int(tokens.sum()), nll, tokens, seconds=0.0, split_tokens=w.n_tokens
+        )
+        ci = None
+        if stop > 1:
+            base_nll = tokens.double() * math.log(p.base_perplexity)
+            base = EvalResult(float(base_nll.sum()), int(tokens.sum()), base_nll, tokens, seconds=0.0)
+            ci = paired_degradation_ci(result, base)
         hist: dict[str, int] = {}
         for f in plan.formats.values():
             hist[f] = hist.get(f, 0) + 1
         return PlanScore(plan=plan, split=split, result=result, baseline_perplexity=p.base_perplexity,
                          model_size_bytes=int(p.model_size[np.arange(p.n_units), x[0]].sum()),
                          packed_size_bytes=int(p.sizes(x)[0]), baseline_size_bytes=p.baseline_bytes,
-                         bit_histogram=hist, bits_per_param=self._bits(x[0]), penalty=p.penalty)  # fmt: skip
+                         bit_histogram=hist, bits_per_param=self._bits(x[0]), penalty=p.penalty,
+                         degradation_ci95=ci)  # fmt: skip

@@ -46,6 +46,11 @@ class SearchConfig:
     # its 95% upper bound on the search split; fitness, the best point estimate
     select: str = "lcb"
     timeout_s: float | None = None
+    # racing (qsweep.search.racing): shares of the search split a candidate is scored on before the whole split; it
+    # is dropped once its paired interval (one-sided, racing_confidence) shows it cannot beat the measured plans;
+    # [] scores every plan on the whole split
+    racing: list[float] = field(default_factory=lambda: [0.25, 0.5])
+    racing_confidence: float = 0.99
     # warm start (qsweep.search.warmstart): allocator plans from a sensitivity table go first; its cost, in full
     # evaluations, is taken from n_trials
     warm_start: bool = True
@@ -127,6 +132,11 @@ def search_config(raw) -> SearchConfig:
     if s.refine_trials and not s.warm_start:
         raise ConfigError(f"search.refine_trials={s.refine_trials} needs the warm start (its sensitivity table "
                           "steers the refine step): use search.warm_start=true or search.refine_trials=null")  # fmt: skip
+    if any(not 0 < r < 1 for r in s.racing) or list(s.racing) != sorted(set(s.racing)):
+        raise ConfigError(f"search.racing must list increasing shares of the split in (0, 1), got {list(s.racing)} "
+                          "([] turns racing off)")  # fmt: skip
+    if not 0.5 < s.racing_confidence < 1:
+        raise ConfigError(f"search.racing_confidence must be in (0.5, 1), got {s.racing_confidence}")
     if s.top_k < 1:
         raise ConfigError(f"search.top_k must be >= 1, got {s.top_k}")
     from qsweep.search.select import SELECT_RULES

@@ -15,6 +15,13 @@ Duplicates: a plan the study has already evaluated is answered from that trial's
 (``duplicate_of``), never evaluated twice. The cache holds plain :class:`Answer` values, filled from the study's
 finished trials when the objective is attached (a resumed study) and from each trial this process finishes.
 
+Cost and racing: a trial records ``cost_evals``, the share of one full evaluation of the search split it used (0
+for a duplicate), which is what a study's budget counts (qsweep.search.study). With ``windows`` (the search split's
+evaluator, or anything with ``n_windows`` and ``windows_within(share)``) a plan can be scored on part of the split:
+``race`` scores it in stages and drops it once it cannot beat the study's measured plans (qsweep.search.racing),
+and a trial started with less than one evaluation of budget left (its ``cost_cap``) stops there (``PRUNED``, with
+``pruned`` saying why). Without ``windows`` every evaluation is whole and costs 1.
+
 ``search.max_degradation`` is a constraint (``degradation - max_degradation <= 0`` is feasible), stored with
 ``trial.set_constraint`` (Optuna >= 5) or as the ``constraint`` user attribute read by the sampler's
 ``constraints_func`` (Optuna 4).
@@ -24,33 +31,65 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import optuna
+import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from qsweep.metrics import fitness
 from qsweep.plan import Plan
 from qsweep.score import PlanScore, size_key
+from qsweep.search.front import pareto_indices
+from qsweep.search.racing import Incumbent, Race, verdict
 from qsweep.search.space import SearchSpace
 
-__all__ = ["HAS_SET_CONSTRAINT", "Answer", "Objective", "constraint_of", "is_done", "is_feasible"]
+__all__ = [
+    "CAP_ATTR",
+    "COST_ATTR",
+    "HAS_SET_CONSTRAINT",
+    "WINDOWS_ATTR",
+    "Answer",
+    "Objective",
+    "constraint_of",
+    "is_done",
+    "is_feasible",
+    "trial_cost",
+]
 
 log = logging.getLogger("qsweep")
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
-_NOT_COPIED = ("enqueued_as", "duplicate_of")  # attributes of the trial itself, not of its plan
+_NOT_COPIED = ("enqueued_as", "duplicate_of", "cost_cap")  # attributes of the trial itself, not of its plan
+COST_ATTR = "cost_evals"  # user attribute: the share of one full evaluation a trial used
+CAP_ATTR = (
+    "cost_cap"  # user attribute: the most a trial may use (set when it starts: what the budget has left)
+)
+WINDOWS_ATTR = (
+    "qsweep:window_nll"  # system attribute: a fully evaluated plan's NLL per window (racing's pairs)
+)
 
 
 def is_done(trial: FrozenTrial) -> bool:
-    """A trial that counts towards n_trials: complete, or a plan that failed to evaluate (NaN, ``error`` stored).
+    """A trial that counts towards the budget: complete, dropped by racing or the budget (``PRUNED``), or a plan
+    that failed to evaluate (NaN, ``error`` stored).
 
     Trials that failed for other reasons (interrupted, a worker killed and its heartbeat gone stale) do not count;
     their plans are retried.
     """
     return "plan_digest" in trial.user_attrs and (
-        trial.state == TrialState.COMPLETE
+        trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
         or (trial.state == TrialState.FAIL and bool(trial.user_attrs.get("error")))
     )
+
+
+def trial_cost(trial: FrozenTrial) -> float:
+    """What a trial spent of the budget, in full evaluations: its ``cost_evals`` (1 for a trial of a study that
+    predates it, or of another objective), 0 for a trial that failed without a stored plan error (retried)."""
+    finished = trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    if finished or (trial.state == TrialState.FAIL and trial.user_attrs.get("error")):
+        return float(trial.user_attrs.get(COST_ATTR, 1.0))
+    return 0.0
 
 
 def constraint_of(degradation: float | None, max_degradation: float | None) -> float | None:
@@ -68,10 +107,13 @@ def is_feasible(attrs: Mapping, max_degradation: float | None) -> bool:
 
 @dataclass(frozen=True)
 class Answer:
-    """What the study already knows about a plan: the trial that evaluated it and its attributes."""
+    """What the study already knows about a plan: the trial that evaluated it, its attributes, whether racing or
+    the budget dropped it (``pruned``) and, for a full evaluation, its NLL per window (racing's pairs)."""
 
     number: int
     attrs: Mapping
+    pruned: bool = False
+    window_nll: torch.Tensor | None = None
 
 
 class Objective:
@@ -85,14 +127,31 @@ class Objective:
         kind: str,
         size_metric: str,
         max_degradation: float | None = None,
+        windows=None,
+        race: Race | None = None,
+        penalty: float = 10.0,
+        full_labels: Collection[str] = (),
     ):
         self.space = space
         self.score = score
         self.kind = kind
         self.size_metric = size_metric
         self.max_degradation = max_degradation
+        self.windows = windows  # None: whole evaluations only (``score(plan)``), each costing 1
+        self.race = race if windows is not None else None
+        self.penalty = penalty
+        self.full_labels = frozenset(full_labels)  # trials never raced (the reference plans)
         self._answers: dict[str, Answer] = {}
         self.n_evaluated = 0  # plans this process scored (not answered from the study)
+
+    @property
+    def min_cost(self) -> float:
+        """The least a trial can spend (one window's share, or a whole evaluation): a budget with less left is
+        spent."""
+        if self.windows is None:
+            return 1.0
+        w = self.windows
+        return float(w.window_tokens[0]) / w.n_tokens
 
     # -- what Optuna needs to know -------------------------------------------------------------------------------
 
@@ -124,7 +183,13 @@ class Objective:
         """Learn the plans of a study's finished trials (the first trial of each plan wins)."""
         for t in trials:
             if is_done(t) and "duplicate_of" not in t.user_attrs:
-                self._answers.setdefault(t.user_attrs["plan_digest"], Answer(t.number, dict(t.user_attrs)))
+                digest = t.user_attrs["plan_digest"]
+                if digest not in self._answers:
+                    windows = t.system_attrs.get(WINDOWS_ATTR)
+                    self._answers[digest] = Answer(
+                        t.number, dict(t.user_attrs), t.state == TrialState.PRUNED,
+                        None if windows is None else torch.tensor(windows, dtype=torch.float64),
+                    )  # fmt: skip
 
     def answer(self, plan: Plan) -> Answer | None:
         return self._answers.get(plan.digest())
@@ -134,23 +199,77 @@ class Objective:
     def __call__(self, trial: optuna.Trial):
         plan = self.space.suggest(trial)
         earlier = self.answer(plan)
+        why = None
         if earlier is not None:
             attrs = {k: v for k, v in earlier.attrs.items() if k not in _NOT_COPIED}
-            attrs["duplicate_of"] = earlier.number
+            attrs.update(duplicate_of=earlier.number, **{COST_ATTR: 0.0})
+            why = attrs.get("pruned") if earlier.pruned else None
+            windows = None
         else:
-            score = self.score(plan)
+            cap = float(trial.user_attrs.get(CAP_ATTR, 1.0))
+            raced = trial.user_attrs.get("enqueued_as", "") not in self.full_labels
+            score, why = self._scored(plan, cap, raced)
             self.n_evaluated += 1
-            attrs = {**score.record(), "plan": plan.to_json()}
+            attrs = {**score.record(), "plan": plan.to_json(), COST_ATTR: score.result.share}
+            if why is not None:
+                attrs["pruned"] = why
             if not score.result.ok:
                 log.warning("trial %d: plan %s failed to evaluate: %s", trial.number, attrs["plan_digest"],
                             score.result.error)  # fmt: skip
+            windows = score.result.window_nll if why is None and score.result.ok else None
+            if windows is not None and self.windows is not None:
+                trial.storage.set_trial_system_attr(trial._trial_id, WINDOWS_ATTR, windows.tolist())
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         self._constrain(trial, attrs)
         if earlier is None:
-            self._answers[attrs["plan_digest"]] = Answer(trial.number, attrs)
+            self._answers[attrs["plan_digest"]] = Answer(trial.number, attrs, why is not None, windows)
+        if why is not None:
+            raise optuna.TrialPruned(why)
         values = self.values(attrs)
         return values[0] if len(values) == 1 else values
+
+    def _scored(self, plan: Plan, cap: float, raced: bool) -> tuple[PlanScore, str | None]:
+        """``plan``'s score, in the race's stages while it may still win, and on at most ``cap`` of the split;
+        with why it stopped short of the whole split (None: it did not)."""
+        if self.windows is None:
+            return self.score(plan), None
+        n = self.windows.n_windows
+        stops = self.race.stops(n, self.windows.windows_within) if self.race is not None and raced else [n]
+        limit = n if cap >= 1.0 - 1e-9 else self.windows.windows_within(cap)
+        score = None
+        for stop in stops:
+            stop = min(stop, limit)
+            if score is not None and stop <= len(score.result.window_nll):
+                break
+            score = self.score(plan, stop=stop, resume=score)
+            if not score.result.ok or stop == n:
+                return score, None
+            if self.race is not None and raced:
+                why = verdict(score.record(), score.result.window_nll, score.result.window_tokens,
+                              self._incumbents(), kind=self.kind, size_metric=self.size_metric,
+                              penalty=self.penalty, z=self.race.z, max_degradation=self.max_degradation)  # fmt: skip
+                if why is not None:
+                    return score, f"racing: {why} after {score.result.share:.0%} of the split"
+        return score, f"budget: {cap:.3f} evaluations were left"
+
+    def _incumbents(self) -> list[Incumbent]:
+        """The fully measured plans with windows a candidate is raced against: the feasible front (multi) or all
+        feasible plans (fitness; racing takes the best)."""
+        key = size_key(self.size_metric)
+        out = []
+        for a in self._answers.values():
+            r = a.attrs
+            if a.pruned or a.window_nll is None or r.get("degradation") is None:
+                continue
+            if not is_feasible(r, self.max_degradation):
+                continue
+            fit = fitness(r[f"compression_{self.size_metric}"], r["degradation"], self.penalty)
+            out.append(Incumbent(a.number, a.window_nll, math.log1p(r["degradation"]), r[key], fit))
+        if self.kind == "multi" and out:
+            keep = pareto_indices([(math.exp(j.delta_nll), j.size_bytes) for j in out])
+            out = [out[i] for i in keep]
+        return out
 
     def _constrain(self, trial: optuna.Trial, attrs: Mapping) -> None:
         value = constraint_of(attrs.get("degradation"), self.max_degradation)

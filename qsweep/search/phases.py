@@ -25,12 +25,13 @@ from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
 from qsweep.search.protocol import SearchSession, SensitivitySession
+from qsweep.search.racing import Race
 from qsweep.search.refine import Measured, RefinePolicy
 from qsweep.search.samplers import make_sampler
 from qsweep.search.select import Candidate, evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
-from qsweep.search.study import count_done, enqueue_plans, optimize, progress_bar
+from qsweep.search.study import enqueue_plans, optimize, progress_bar, spent
 from qsweep.search.warmstart import allocator_plans
 
 __all__ = [
@@ -124,39 +125,43 @@ def _measured(trials, metric: str) -> list[Measured]:
 
 
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable,
-            policy: RefinePolicy, metric: str, budget: int, allocator: Allocator,
+            policy: RefinePolicy, metric: str, budget: float, allocator: Allocator,
             deadline: float | None = None) -> None:  # fmt: skip
-    """Measured local search until ``budget`` trials are done: each turn evaluates the proposal of ``policy``
-    (qsweep.search.refine.RefinePolicy: its schedule of criteria, candidates and ranking) and records it."""
+    """Measured local search until ``budget`` evaluations are spent: each turn evaluates the proposal of ``policy``
+    (qsweep.search.refine.RefinePolicy: its schedule of criteria, candidates and ranking) in a trial of its own
+    (not through the study's queue of enqueued plans) and records it; a plan the study has, pruned ones included,
+    is never proposed again."""
     sizes = table.unit_sizes(metric)
-    start = count_done(study)
+    start = spent(study)
     jumps = policy.jump_plans(table, space, sizes, allocator)
-    while count_done(study) < budget:
+    while budget - spent(study) >= objective.min_cost - 1e-9:
         if _expired(deadline):
             log.info("refine: search.timeout_s reached")
             return
-        k = sum(
-            t.user_attrs.get("enqueued_as", "").startswith("refine:")
-            for t in study.get_trials(deepcopy=False)
-        )
-        found = policy.next(
-            k, _measured(study.get_trials(deepcopy=False), metric), table, space, sizes, jumps
-        )
+        trials = study.get_trials(deepcopy=False)
+        k = sum(t.user_attrs.get("enqueued_as", "").startswith("refine:") for t in trials)
+        known = {t.user_attrs["plan_digest"] for t in trials if "plan_digest" in t.user_attrs}
+        found = policy.next(k, _measured(trials, metric), table, space, sizes, jumps, exclude=known)
         if found is None:
             log.info("refine: no unmeasured neighbour left")
             return
         p, criterion = found
-        enqueue_plans(study, {f"refine:{k}": space.params_of(p.plan)},
-                      {f"refine:{k}": {"predicted_fitness": p.predicted_fitness, "refine_criterion": criterion}})  # fmt: skip
-        optimize(study, objective, count_done(study) + 1, progress=False)
+        label = f"refine:{k}"
+        ran = optimize(study, objective, budget, _left(deadline), progress=False, params=space.params_of(p.plan),
+                       attrs={"enqueued_as": label, "predicted_fitness": p.predicted_fitness,
+                              "refine_criterion": criterion})  # fmt: skip
+        if not ran:
+            return
         t = next(
-            (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == f"refine:{k}"),
-            None,
+            (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == label), None
         )
-        measured = t.user_attrs.get(f"fitness_{metric}") if t is not None else None
-        log.info("refine %d (%d/%d, %s): predicted fitness_%s %.4f, measured %s", k, count_done(study) - start,
-                 budget - start, criterion, metric, p.predicted_fitness,
-                 "-" if measured is None else f"{measured:.4f}")  # fmt: skip
+        a = t.user_attrs if t is not None else {}
+        measured = a.get(f"fitness_{metric}")
+        outcome = "-" if measured is None else f"{measured:.4f}"
+        if a.get("pruned"):
+            outcome += f" on {a.get('eval_share', 0):.0%} of the split, dropped ({a['pruned']})"
+        log.info("refine %d (%.2f/%.2f evaluations, %s): predicted fitness_%s %.4f, measured %s", k,
+                 spent(study) - start, budget - start, criterion, metric, p.predicted_fitness, outcome)  # fmt: skip
 
 
 def interactions(trials, table: SensitivityTable | None) -> list[dict]:
@@ -173,11 +178,11 @@ def interactions(trials, table: SensitivityTable | None) -> list[dict]:
     return rows
 
 
-def trial_budget(n_trials: int, table_cost: float = 0.0) -> int:
-    """The trials a study of ``search.n_trials`` evaluation-equivalents runs: what the sensitivity table's cost
-    (counted by work, :attr:`SensitivityTable.cost_evals`; 0 without a table) leaves, rounded down, so that
-    trials + table <= n_trials."""
-    return max(0, math.floor(n_trials - table_cost + 1e-9))
+def trial_budget(n_trials: float, table_cost: float = 0.0) -> float:
+    """What a study of ``search.n_trials`` evaluation-equivalents has for its trials: what the sensitivity table's
+    cost (counted by work, :attr:`SensitivityTable.cost_evals`; 0 without a table) leaves, so that trials + table
+    spend ``n_trials`` (an objective that cannot evaluate part of the split stops at the last whole evaluation)."""
+    return max(0.0, n_trials - table_cost)
 
 
 def run_phases(
@@ -189,29 +194,31 @@ def run_phases(
     table: SensitivityTable | None,
     reference: Collection[Plan] = (),
     allocator: Allocator = EXACT,
-) -> int:
-    """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trial budget
-    (:func:`trial_budget`: ``search.n_trials`` less the table's cost). ``reference`` holds the plans enqueued as
-    references (uniform, named): the allocator skips them; ``allocator`` answers the knapsack questions (a
-    benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the same plans
-    under the same labels.
+) -> float:
+    """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trials' budget
+    (:func:`trial_budget`: ``search.n_trials`` less the table's cost, in full evaluations). ``reference`` holds the
+    plans enqueued as references (uniform, named): the allocator skips them; ``allocator`` answers the knapsack
+    questions (a benchmark's caches them). Its plans depend only on the table and these, so a resume asks for the
+    same plans under the same labels.
 
-    The budget is a contract: no more trials than the budget are run, whatever is enqueued. The enqueued plans run
-    in their order and are cut where the budget ends: the reference plans (enqueued when the study was opened),
-    then the allocator's (qsweep.search.warmstart: the best predicted plan, its two neighbours on the predicted
-    front, then plans spread along it); the refine step gets ``search.refine_trials`` (default: half of what the enqueued plans leave) of
-    what is left after them, never an enqueued plan's place. ``search.timeout_s`` bounds every phase together."""
+    The budget is a contract: the trials spend it, never more (qsweep.search.study.optimize; racing's partial
+    evaluations count by their share), whatever is enqueued. The enqueued plans run in their order and are cut
+    where the budget ends, counting each as a whole evaluation: the reference plans (enqueued when the study was
+    opened), then the allocator's (qsweep.search.warmstart: the best predicted plan, its two neighbours on the
+    predicted front, then plans spread along it); the refine step gets ``search.refine_trials`` evaluations
+    (default: half of what the enqueued plans leave) of what is left after them, never an enqueued plan's place,
+    and whatever the sampler left. ``search.timeout_s`` bounds every phase together."""
     deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
     budget = trial_budget(search.n_trials, table.cost_evals if table is not None else 0.0)
     if table is None:
         optimize(study, objective, budget, search.timeout_s)
         return budget
-    if budget == 0:
+    if budget < 1:
         raise ConfigError(f"search.n_trials={search.n_trials} is spent by the {table.kind} sensitivity table "
                           f"({table.cost_evals:.1f} evaluations), which the study keeps: resume with "
                           f"search.n_trials>={math.floor(table.cost_evals) + 2}")  # fmt: skip
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    room = max(0, budget - count_done(study) - waiting)  # for allocator plans, the sampler and refine
+    room = max(0, math.floor(budget - spent(study) + 1e-9) - waiting)  # allocator plans, sampler, refine
     wanted = search.refine_trials
     n_allocs = min(search.warm_start_plans, room if wanted is None else max(0, room - wanted))
     allocs = allocator_plans(table, space, size_metric=search.size_metric, n_plans=search.warm_start_plans,
@@ -223,10 +230,10 @@ def run_phases(
                   {k: {"predicted_fitness": a.fitness(session.baseline_size_bytes, session.penalty)}
                    for k, a in kept.items()})  # fmt: skip
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
-    left = max(0, budget - count_done(study) - waiting)  # after every enqueued plan that fits
-    refine = min(wanted, left) if wanted is not None else left // 2
+    left = max(0.0, budget - spent(study) - waiting)  # after every enqueued plan that fits
+    refine = min(wanted, left) if wanted is not None else math.floor(left) // 2
     optimize(study, objective, budget - refine, _left(deadline))
-    if refine and count_done(study) < budget and not _expired(deadline):
+    if budget - spent(study) >= objective.min_cost - 1e-9 and not _expired(deadline):
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
         _refine(study, objective, space, table, policy, search.size_metric, budget, allocator, deadline)
     return budget
@@ -277,16 +284,20 @@ def build_study(
     seed: int | None = None,
     reference: Mapping[str, Plan] = (),
     open_study: OpenStudy = in_memory_study,
+    windows=None,
+    penalty: float = 10.0,
 ) -> StudyRun:
     """The objective (``score`` under ``search.objective``, ``size_metric``, ``max_degradation``), the sampler
     (``search.sampler`` seeded with ``seed``, default ``search.seed``), and the study ``open_study(sampler,
     objective, params by label of the reference plans)`` returns (default: a new one in memory; the app opens its
     storage), whose finished trials the objective then knows (a duplicate plan is answered from the study)."""
+    reference = dict(reference)
+    race = Race(tuple(search.racing), search.racing_confidence) if search.racing else None
     objective = Objective(space, score, kind=search.objective, size_metric=search.size_metric,
-                          max_degradation=search.max_degradation)  # fmt: skip
+                          max_degradation=search.max_degradation, windows=windows, race=race, penalty=penalty,
+                          full_labels=reference)  # fmt: skip
     sampler = make_sampler(search.sampler, search.seed if seed is None else seed, search.sampler_options,
                            None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
-    reference = dict(reference)
     study = open_study(sampler, objective, {k: space.params_of(p) for k, p in reference.items()})
     objective.remember(study.get_trials(deepcopy=False))
     return StudyRun(study, objective, space, search, reference)

@@ -285,11 +285,13 @@ class RefinePolicy:
         space: SearchSpace,
         sizes: Mapping[str, Mapping[str, int]],
         jumps: Sequence[Plan] = (),
+        exclude: set[str] = frozenset(),
     ) -> tuple[Proposal, str] | None:
-        """The proposal of turn ``turn`` and the criterion that ranked it; None when no criterion has one."""
+        """The proposal of turn ``turn`` and the criterion that ranked it; None when no criterion has one.
+        ``exclude``: plan digests never to propose (the study's plans, those racing dropped included)."""
         for criterion in self.criteria(turn):
             props = propose(measured, table, space, sizes, baseline_bytes=self.baseline_bytes, penalty=self.penalty,
-                            n_incumbents=self.incumbents, criterion=criterion, box=self.box,
+                            n_incumbents=self.incumbents, criterion=criterion, box=self.box, exclude=exclude,
                             jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
             if props:
                 return props[0], criterion

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -29,10 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from qsweep import interrupts
-from qsweep.errors import ConfigError, QsweepError
+from qsweep.errors import ConfigError
 from qsweep.plan import Plan, PlanError, named_plan_spec, plan_from_config
 from qsweep.search.config import SearchConfig
-from qsweep.search.objective import is_done
+from qsweep.search.objective import CAP_ATTR, is_done, trial_cost
 from qsweep.search.space import SearchSpace
 from qsweep.search.storage import display_url, lock_of, open_storage, storage_url
 from qsweep.units import UnitTable
@@ -47,6 +48,7 @@ __all__ = [
     "open_study",
     "optimize",
     "reference_plans",
+    "spent",
     "storage_url",
     "study_identity",
 ]
@@ -187,79 +189,75 @@ def count_done(study: optuna.Study) -> int:
     return sum(is_done(t) for t in study.get_trials(deepcopy=False))
 
 
-class _QuietInterrupt(logging.Filter):
-    """Optuna logs an interrupted trial with its traceback, then "failed with value None"; the app says one line
-    instead. So for a user error (QsweepError) raised in a trial: the CLI prints it as one ``qsweep: error:`` line.
-    Attached to the logger that emits them, so no handler (Optuna's, Hydra's) sees them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.interrupted = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and issubclass(record.exc_info[0], (KeyboardInterrupt, QsweepError)):
-            self.interrupted = True
-            return False
-        return not (self.interrupted and "failed with value None" in record.getMessage())
-
-
 def _fail_stale(study: optuna.Study) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
 
+def spent(study: optuna.Study) -> float:
+    """What the study's trials have spent, in full evaluations (:func:`~qsweep.search.objective.trial_cost`)."""
+    return sum(trial_cost(t) for t in study.get_trials(deepcopy=False))
+
+
+_EPS = 1e-9
+# A sampler that proposes only plans the study has (each answered for free) this many times in a row has converged:
+# its phase ends, leaving the rest of the budget to the next phase.
+MAX_FREE_TRIALS = 100
+
+
 def optimize(
     study: optuna.Study,
     objective: Callable,
-    n_trials: int,
+    budget: float,
     timeout: float | None = None,
     progress: bool = True,
     poll_seconds: float = 1.0,
+    params: Mapping | None = None,
+    attrs: Mapping | None = None,
 ) -> int:
-    """Run trials until ``n_trials`` are done in total (all workers together); returns how many this call ran.
+    """Run trials until the study's trials have spent ``budget`` full evaluations in total (all workers together;
+    :func:`spent`), never more; returns how many this call ran.
 
-    Each trial starts under the storage's lock, and only while the done and running trials together are fewer
-    than ``n_trials``: workers never overshoot. While the rest are running elsewhere this worker waits (a killed
-    worker's trial becomes stale after ``storage.grace_period``; it is then failed, retried and run here). Before
-    each trial an objective with ``remember`` learns the plans other workers finished (answered, not re-run).
-    Each trial records the process that ran it (system attribute ``qsweep:worker``: host:pid)."""
-    remaining = n_trials - count_done(study)
-    if remaining <= 0:
-        log.info("study %r already has %d trials done (search.n_trials=%d): nothing to run",
-                 study.study_name, count_done(study), n_trials)  # fmt: skip
+    Each trial starts under the storage's lock, only while the spent budget and the running trials' caps leave at
+    least ``objective.min_cost`` (a whole evaluation for an objective without partial evaluations), and with a cap
+    (``cost_cap``) of what is left, at most 1: the last trial of a budget is a partial evaluation that stops there.
+    While other workers' trials hold the rest this worker waits (a killed worker's trial becomes stale after
+    ``storage.grace_period``; it is then failed, retried and run here). Before each trial an objective with
+    ``remember`` learns the plans other workers finished (answered, not re-run). Each trial records the process
+    that ran it (system attribute ``qsweep:worker``: host:pid).
+
+    ``params``: run one trial of these parameters (and user ``attrs``), created for this call, not taken from the
+    enqueued ones (the refine step's trials); without, each trial is asked from the study (its enqueued plans first,
+    then the sampler's). The phase ends early after MAX_FREE_TRIALS trials in a row that cost nothing."""
+    min_cost = float(getattr(objective, "min_cost", 1.0))
+    if budget - spent(study) < min_cost - _EPS:
+        if params is None:
+            log.info("study %r has spent %.2f of %.2f evaluations: nothing to run", study.study_name,
+                     spent(study), budget)  # fmt: skip
         return 0
     lock, remember = lock_of(study._storage), getattr(objective, "remember", None)
     me = f"{socket.gethostname()}:{os.getpid()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    quiet, emitter = _QuietInterrupt(), logging.getLogger("optuna.study._optimize")
-    emitter.addFilter(quiet)
-    bar = progress_bar(progress, n_trials, n_trials - remaining)
-    start, ran, held = time.monotonic(), 0, False
-
-    def run(trial):  # the trial is RUNNING: free the lock; an interrupt lands in here, never in ask/tell
-        nonlocal held
-        lock.release()
-        held = False
-        trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, me)
-        with interrupts.allowed():
-            return objective(trial)
-
+    bar = progress_bar(progress, _bar_units(budget), _bar_units(spent(study)), unit="eval")
+    start, ran, free, held = time.monotonic(), 0, 0, False
     try:
         with interrupts.deferred():
-            while ran < remaining and (timeout is None or time.monotonic() - start < timeout):
+            while timeout is None or time.monotonic() - start < timeout:
+                if params is not None and ran:
+                    break
                 lock.acquire()
                 held = True
                 _fail_stale(study)
                 trials = study.get_trials(deepcopy=False)
-                done = sum(is_done(t) for t in trials)
-                running = sum(t.state == TrialState.RUNNING for t in trials)
-                bar(done)
-                if done >= n_trials:
+                used = sum(trial_cost(t) for t in trials)
+                running = [t for t in trials if t.state == TrialState.RUNNING]
+                reserved = sum(float(t.user_attrs.get(CAP_ATTR, 1.0)) for t in running)
+                bar(_bar_units(used))
+                if budget - used < min_cost - _EPS:
                     break
-                if (
-                    done + running >= n_trials
-                ):  # the last trials run elsewhere: wait for them (or their failure)
+                left = budget - used - reserved
+                if left < min_cost - _EPS:  # the rest is held by trials running elsewhere: wait for them
                     lock.release()
                     held = False
                     with interrupts.allowed():
@@ -267,15 +265,72 @@ def optimize(
                     continue
                 if remember is not None:
                     remember(trials)
-                study.optimize(run, n_trials=1, catch=(), show_progress_bar=False)
+                trial = _new_trial(study, params, {**dict(attrs or {}), CAP_ATTR: min(1.0, left)})
+                lock.release()  # the trial is RUNNING and holds its cap: others may start theirs
+                held = False
+                trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, me)
+                before = spent(study)
+                _run(study, trial, objective)
                 ran += 1
-            bar(count_done(study))
+                free = free + 1 if spent(study) - before < _EPS else 0
+                if free >= MAX_FREE_TRIALS:
+                    log.info("the sampler proposed only plans the study has, %d times in a row: its phase ends "
+                             "with %.2f evaluations left", free, budget - spent(study))  # fmt: skip
+                    break
+            bar(_bar_units(spent(study)))
     finally:
         if held:
             lock.release()
         bar(None)
-        emitter.removeFilter(quiet)
     return ran
+
+
+def _bar_units(evaluations: float) -> int:
+    """Progress in whole evaluations (the bar's unit), rounded so that a spent budget shows as full."""
+    return math.floor(evaluations + 1e-6)
+
+
+def _new_trial(study: optuna.Study, params: Mapping | None, attrs: Mapping) -> optuna.Trial:
+    """A RUNNING trial: the study's next (an enqueued plan, else the sampler's), or one of ``params``."""
+    with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": it is, in _run
+        warnings.simplefilter("ignore", UserWarning)
+        if params is None:
+            trial = study.ask()
+        else:
+            template = optuna.trial.create_trial(
+                state=TrialState.RUNNING, system_attrs={"fixed_params": dict(params)}
+            )
+            study._thread_local.cached_all_trials = None
+            trial = optuna.Trial(
+                study, study._storage.create_new_trial(study._study_id, template_trial=template)
+            )
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    return trial
+
+
+def _run(study: optuna.Study, trial: optuna.Trial, objective: Callable) -> None:
+    """Run ``objective`` on ``trial`` with the storage's heartbeat and tell the study how it ended: complete,
+    pruned, or failed (NaN values: a plan that failed to evaluate; an exception, re-raised: an interrupt, a user
+    error)."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    state, values = None, None
+    try:
+        with get_heartbeat_thread(trial._trial_id, study._storage), interrupts.allowed():
+            values = objective(trial)
+    except optuna.TrialPruned:
+        state = TrialState.PRUNED
+    except BaseException:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    if state is None:
+        vals = [values] if not isinstance(values, (list, tuple)) else list(values)
+        if any(v is None or math.isnan(v) for v in vals):
+            state, values = TrialState.FAIL, None
+        else:
+            state = TrialState.COMPLETE
+    study.tell(trial, values if state == TrialState.COMPLETE else None, state=state)
 
 
 def progress_bar(
