@@ -83,7 +83,12 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
     raw["size_metric"] = METRIC
     search = search_config(raw)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    run = build_study(space, lambda plan: session.score(plan, "validation"), search, reference=uniform)
+
+    def score(plan, stop=None, resume=None):
+        return session.score(plan, "validation", stop, resume)
+
+    run = build_study(space, score, search, reference=uniform, windows=session.evaluator("validation"),
+                      penalty=session.penalty)  # fmt: skip
     run.run(session, table if warm else None, allocator)
     return run.study.get_trials(deepcopy=False)
 
@@ -92,23 +97,24 @@ def _fit(t) -> float:
     return t.user_attrs[f"fitness_{METRIC}"]
 
 
-def _within(trials, n: int) -> list:
-    """The trials of the first ``n`` evaluations (a duplicate, answered from the study, costs none)."""
-    out, used = [], 0
+def _within(trials, n: float) -> list:
+    """The trials of the first ``n`` evaluations, each with the evaluations spent when it ended: a trial costs its
+    ``cost_evals`` (a duplicate, answered from the study, none; a trial racing dropped, the share it used)."""
+    out, used = [], 0.0
     for t in sorted(trials, key=lambda t: t.number):
         if "plan_digest" not in t.user_attrs:
             continue
-        if "duplicate_of" not in t.user_attrs:
-            if used >= n:
-                break
-            used += 1
+        cost = t.user_attrs.get("cost_evals", 0.0 if "duplicate_of" in t.user_attrs else 1.0)
+        if used + cost > n + 1e-9:
+            break
+        used += cost
         out.append((used, t))
     return out
 
 
 def _summary(trials, budget: int, cost: float, ref, session) -> dict:
     """Best validation fitness within ``budget`` evaluations (sensitivity cost counted), and the front's HV."""
-    within = _within(trials, max(0, budget - math.ceil(cost)))
+    within = _within(trials, max(0.0, budget - cost))
     done = evaluated_trials([t for _, t in within])
     if not done:  # the budget is spent before the first trial (a sensitivity pass dearer than the budget)
         return None
@@ -119,7 +125,7 @@ def _summary(trials, budget: int, cost: float, ref, session) -> dict:
     reach = dict.fromkeys((0.99, 1.0))
     for target in reach if ref else ():
         hit = next((k for k, t in within if t in done and _fit(t) >= target * ref.best_fitness[METRIC]), None)
-        reach[target] = None if hit is None else hit + math.ceil(cost)
+        reach[target] = None if hit is None else round(hit + cost, 2)
     hv = hypervolume_ratio(pts, ref.points(METRIC)) if ref else None  # dominated points add nothing
     return {"best": best, "fitness": _fit(best), "hv": hv, "reach": reach}
 

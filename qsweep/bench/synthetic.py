@@ -55,6 +55,7 @@ from qsweep.score import PlanScore
 from qsweep.search.allocate import EXACT, Allocator
 from qsweep.search.config import SearchConfig, search_config
 from qsweep.search.front import hypervolume_ratio
+from qsweep.search.objective import trial_cost
 from qsweep.search.phases import build_study
 from qsweep.search.select import evaluated_trials
 from qsweep.search.sensitivity import SensitivityTable
@@ -96,20 +97,31 @@ _ANYTIME = (*BASELINES, "random", "tpe", "nsga2", "gp")  # budget-blind: one run
 
 @dataclass(frozen=True)
 class Trace:
-    """One run: its evaluations in order as (fitness, size ratio, perplexity ratio), and the table's cost."""
+    """One run: its full evaluations in order as (fitness, size ratio, perplexity ratio), the evaluations spent
+    when each ended (``spends``: partial evaluations racing dropped in between counted by their share), and the
+    table's cost."""
 
     points: tuple[tuple[float, float, float], ...]
     cost: float
     seconds: float
+    spends: tuple[float, ...] = ()
 
     @classmethod
     def of(cls, scores: Sequence[PlanScore], cost: float, seconds: float) -> Trace:
         pts = tuple((s.fitness("packed"), s.packed_size_bytes / s.baseline_size_bytes,
                      s.perplexity / s.baseline_perplexity) for s in scores)  # fmt: skip
-        return cls(pts, cost, seconds)
+        return cls(pts, cost, seconds, tuple(float(k + 1) for k in range(len(pts))))
 
-    def within(self, budget: int) -> tuple[tuple[float, float, float], ...]:
-        return self.points[: max(0, budget - math.ceil(self.cost))]
+    def within(self, budget: float) -> tuple[tuple[float, float, float], ...]:
+        """The points evaluated within ``budget`` (the table's cost included)."""
+        return tuple(
+            p for p, s in zip(self.points, self.spends, strict=True) if s + self.cost <= budget + 1e-9
+        )
+
+    def reached(self, target: float) -> float | None:
+        """The evaluations spent (table included) when a point first reached fitness ``target``."""
+        return next((round(s + self.cost, 2) for p, s in zip(self.points, self.spends, strict=True)
+                     if p[0] >= target), None)  # fmt: skip
 
 
 def search_settings(method: str, seed: int, n_trials: int) -> SearchConfig:
@@ -129,10 +141,12 @@ def run_method(
     budget: int,
     table: SensitivityTable | None = None,
     allocator: Allocator = EXACT,
+    n_windows: int = 1,
 ) -> Trace:
     """One run of ``method`` on ``problem`` with ``budget`` evaluations (the table's cost included); a cached
-    ``allocator`` shared by the runs of one table solves each knapsack question once."""
-    session = ProblemSession(problem)
+    ``allocator`` shared by the runs of one table solves each knapsack question once. ``n_windows`` > 1: the
+    problem's evaluations have windows (:class:`ProblemSession`), so the study races its candidates."""
+    session = ProblemSession(problem, n_windows=n_windows)
     space = problem.space
     table = table or problem.sensitivity_table("proxy")
     cost = table.cost_evals if method in _USES_TABLE else 0.0
@@ -152,13 +166,21 @@ def run_method(
                                 exclude=set(uniform.values()), allocator=allocator))  # fmt: skip
         search.n_trials = min(budget, math.ceil(cost) + len(uniform) + n)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    run = build_study(space, session.score, search, reference=uniform)
-    with contextlib.redirect_stderr(io.StringIO()):  # Optuna's progress bars: one per phase, per run
+    run = build_study(space, session.score, search, reference=uniform,
+                      windows=session.windows if n_windows > 1 else None, penalty=problem.penalty)  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()):  # the progress bars: one per phase, per run
         run.run(session, table if search.warm_start else None, allocator)
-    trials = sorted(evaluated_trials(run.study.get_trials(deepcopy=False)), key=lambda t: t.number)
-    pts = tuple((t.user_attrs["fitness_packed"], t.user_attrs["packed_size_bytes"] / problem.baseline_bytes,
-                 t.user_attrs["perplexity"] / problem.base_perplexity) for t in trials)  # fmt: skip
-    return Trace(pts, cost, time.perf_counter() - start)
+    trials = sorted(run.study.get_trials(deepcopy=False), key=lambda t: t.number)
+    full = {t.number for t in evaluated_trials(trials)}
+    pts, spends, used = [], [], 0.0
+    for t in trials:
+        used += trial_cost(t)
+        if t.number in full:
+            a = t.user_attrs
+            pts.append((a["fitness_packed"], a["packed_size_bytes"] / problem.baseline_bytes,
+                        a["perplexity"] / problem.base_perplexity))  # fmt: skip
+            spends.append(used)
+    return Trace(tuple(pts), cost, time.perf_counter() - start, tuple(spends))
 
 
 def reference_front(problem: Problem) -> list[tuple[float, float]]:
@@ -178,16 +200,16 @@ def summarize(trace: Trace, budget: int, optimum: float, ref_front) -> dict:
     pts = trace.within(budget)
     best = max((p[0] for p in pts), default=-math.inf)
     hv = hypervolume_ratio([p[1:] for p in pts], ref_front) if pts and ref_front else None
-    reach = next((k + 1 + math.ceil(trace.cost) for k, p in enumerate(pts) if p[0] >= 0.99 * optimum), None)
+    reach = trace.reached(0.99 * optimum)
     return {"ratio": best / optimum if pts else None, "hv": hv, "reach99": reach}
 
 
 def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence[int], table,
-          allocator: Allocator) -> list[dict]:  # fmt: skip
+          allocator: Allocator, n_windows: int = 1) -> list[dict]:  # fmt: skip
     rows = []
     for seed in seeds[:1] if method in _SEEDLESS else seeds:
         once = [max(budgets)] if method in _ANYTIME else budgets
-        runs = {b: run_method(method, problem, seed, b, table, allocator) for b in once}
+        runs = {b: run_method(method, problem, seed, b, table, allocator, n_windows) for b in once}
         for b in budgets:
             rows.append({"seed": seed, "budget": b, "trace": runs.get(b) or runs[max(budgets)],
                          "seconds": runs[b].seconds if b in runs else 0.0})  # fmt: skip
@@ -195,7 +217,7 @@ def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence
 
 
 def benchmark(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequence[int], budgets: Sequence[int],
-              warm_seeds: Sequence[int] | None = None, log=print) -> list[dict]:  # fmt: skip
+              warm_seeds: Sequence[int] | None = None, log=print, n_windows: int = 1) -> list[dict]:  # fmt: skip
     """Every method on every problem: one row per (problem, method, seed, budget); the methods run once per budget
     (warm-started, allocator) use ``warm_seeds`` when given (they depend little on the seed and cost the most)."""
     out = []
@@ -206,7 +228,7 @@ def benchmark(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequen
         for m in methods:
             t0 = time.perf_counter()
             rows = _runs(m, p, warm_seeds if warm_seeds and m not in _ANYTIME else seeds, budgets, table,
-                         allocator)  # fmt: skip
+                         allocator, n_windows)  # fmt: skip
             for r in rows:
                 out.append({"problem": p.name, "method": m, "seed": r["seed"], "budget": r["budget"],
                             **summarize(r["trace"], r["budget"], opt, ref), "seconds": r["seconds"]})  # fmt: skip
@@ -258,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--warm-seeds", default="0", help="seeds of the methods run once per budget (default: 0)"
     )
     run.add_argument("--out", default=None, help="write the per-run rows as JSON")
+    run.add_argument("--windows", type=int, default=64,
+                     help="windows of a synthetic evaluation, so that studies race their candidates (1: whole "
+                          "evaluations only, no racing)")  # fmt: skip
     gen = sub.add_parser("generate", help="write synthetic_{train,valid,test}.json (seeded, deterministic)")
     gen.add_argument("--out-dir", default=str(DATA))
     gen.add_argument("--seed", type=int, default=0)
@@ -294,9 +319,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [p for path in args.problems for p in load_problems(path)]
     start, cpu = time.perf_counter(), time.process_time()
     warm_seeds = [int(s) for s in args.warm_seeds.split(",")]
-    rows = benchmark(problems, methods, seeds, budgets, warm_seeds)
+    rows = benchmark(problems, methods, seeds, budgets, warm_seeds, n_windows=args.windows)
     print(f"\n# {len(problems)} problems, seeds {args.seeds} (methods run per budget: {args.warm_seeds}), budgets "
-          f"{args.budgets}: "
+          f"{args.budgets}, {args.windows} windows per evaluation: "
           f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU\n")  # fmt: skip
     print("\n".join(table_lines(rows, problems, methods, budgets)))
     if args.out:
