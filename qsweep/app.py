@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shlex
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -40,6 +41,7 @@ from qsweep.search.select import (
     choose,
     evaluated_trials,
     paired_fitness_difference,
+    rank,
     selection_score,
     verify,
 )
@@ -153,6 +155,10 @@ def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score,
             f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
 
 
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
 def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> None:
     """A new proxy table that would spend all of ``search.n_trials`` is refused before it is computed (its cost
     is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing).
@@ -173,6 +179,8 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
+    # search.timeout_s bounds every phase: the table (started only with time left), the trials, the re-scoring
+    deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
     session = EvalSession(cfg)
     # data errors (no such split, too few tokens, a binary file) before a study or a failed trial is stored
     for split in dict.fromkeys((cfg.eval.search_split, cfg.eval.report_split)):
@@ -208,7 +216,10 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     spent_on_table = 0.0  # the sensitivity table's cost, in evaluations
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
         try:
-            if search.warm_start:
+            if search.warm_start and _expired(deadline) and "sensitivity" not in study.user_attrs:
+                log.warning("search.timeout_s=%s reached before the sensitivity table: no warm start, no trials",
+                            search.timeout_s)  # fmt: skip
+            elif search.warm_start:
                 _check_the_budget_pays_for_the_table(study, session, search, cfg.eval.search_split)
                 table = stored_or_new_sensitivity(
                     study,
@@ -221,7 +232,10 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                 spent_on_table = table.cost_evals
                 table.save(out_dir / "sensitivity.json")
                 table.write_csv(out_dir / "sensitivity.csv")
-            budget = run.run(session, table)
+            if search.warm_start and table is None:
+                budget = trial_budget(search.n_trials)
+            else:
+                budget = run.run(session, table, deadline=deadline)
         except KeyboardInterrupt:
             log.warning("interrupted with %.2f of %.2f evaluations spent (%d trials done); the study is stored. "
                         "Resume with: %s", spent(study) + spent_on_table, search.n_trials, count_done(study),
@@ -249,7 +263,19 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                      float("nan") if value is None else value, score.result.seconds)  # fmt: skip
         return scored[plan.digest()]
 
-    verified = verify(chosen, score_report)
+    # the reported plan and the search split's best are chosen on the search split: re-scored first, the other
+    # candidates while search.timeout_s leaves time
+    first = {c.trial for rule in (search.select, "fitness")
+             for c in rank(chosen, rule, search.size_metric, session.penalty)[:1]}  # fmt: skip
+    verified = verify([c for c in chosen if c.trial in first], score_report)
+    rest = [c for c in chosen if c.trial not in first]
+    for k, c in enumerate(rest):
+        if _expired(deadline):
+            log.warning("search.timeout_s reached: %d of %d candidates not re-scored on the report split %r (not in "
+                        "pareto.csv)", len(rest) - k, len(chosen), report_split)  # fmt: skip
+            break
+        verified += verify([c], score_report)
+    verified.sort(key=lambda v: chosen.index(v.candidate))
     fit = f"fitness_{search.size_metric}"
     best = choose(verified, search.select, search.size_metric, session.penalty)
     search_best = choose(verified, "fitness", search.size_metric, session.penalty)

@@ -133,3 +133,28 @@ def test_paired_ci_on_real_evaluations():
     assert hi2 - lo2 > 1.5 * (hi - lo) > 0  # 5x fewer windows: sqrt(5) wider and a larger t quantile
     with pytest.raises(ValueError, match="same windows"):
         paired_degradation_ci(plan, base_short)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("stops", [(1, 7), (4, 5, 11), (3, 13)])
+def test_a_partial_evaluation_is_the_full_ones_first_windows_and_resumes_without_rescoring(arch, stops):
+    """Racing's fidelities (issue 19): the first k windows of a full evaluation, split mid-batch too (batch 3), and
+    a resumed evaluation ends exactly where one straight run does."""
+    model = tiny_model(arch)
+    ids = torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(1))
+    ev = Evaluator(ids, 32, 24, batch_size=3, logits_chunk=37, device="cpu")
+    full = ev.evaluate(model)
+    assert ev.n_windows == len(full.window_nll) == 17 and full.share == 1.0
+    part = None
+    for k in stops:
+        part = ev.evaluate(model, stop=k, resume=part)
+        assert len(part.window_nll) == k and part.n_tokens == int(ev.window_tokens[:k].sum())
+        assert part.window_nll.tolist() == pytest.approx(full.window_nll[:k].tolist(), rel=1e-6)
+        assert part.share == pytest.approx(part.n_tokens / full.n_tokens)
+    rest = ev.evaluate(model, resume=part)
+    assert rest.window_nll.tolist() == pytest.approx(full.window_nll.tolist(), rel=1e-6)
+    assert ev.windows_within(1.0) == 17 and ev.windows_within(0.0) == 0
+    k = ev.windows_within(0.5)
+    assert ev.window_tokens[:k].sum() <= 0.5 * full.n_tokens < ev.window_tokens[: k + 1].sum()
+    with pytest.raises(ValueError, match="cannot resume"):
+        ev.evaluate(model, stop=2, resume=part)

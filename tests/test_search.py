@@ -401,6 +401,20 @@ def test_a_budget_the_proxy_table_would_spend_is_refused_before_a_study_file_exi
     assert not (out / "study.db").exists()  # the default storage: nothing left behind
 
 
+def test_a_timeout_spent_before_the_table_ends_the_run_cleanly_with_its_reports(tmp_path, bundled_cache, caplog):
+    """search.timeout_s bounds every phase (issue 19): spent while loading, the run computes no table and runs no
+    trial, and still writes its results (nothing to choose)."""
+    caplog.set_level("INFO", logger="qsweep")
+    cfg = compose_cfg("+search=nsga2", "search.n_trials=20", *WARM, "search.timeout_s=0.001", tmp_path=tmp_path,
+                      cache_dir=bundled_cache)  # fmt: skip
+    out = tmp_path / "run"
+    out.mkdir()
+    summary = run_search(cfg, out)
+    assert summary["n_trials_done"] == 0 and summary["evaluations_spent"] == 0 and summary["best"] is None
+    assert json.loads((out / "results.json").read_text())["sensitivity"] is None
+    assert any("timeout_s=0.001 reached before the sensitivity table" in m for m in caplog.messages), caplog.messages
+
+
 def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
     menu = yaml.safe_load((config_dir() / "precision" / "seed.yaml").read_text())["menu"]
     space = SearchSpace.from_menu(gpt2_small_table, menu)

@@ -194,6 +194,7 @@ def run_phases(
     table: SensitivityTable | None,
     reference: Collection[Plan] = (),
     allocator: Allocator = EXACT,
+    deadline: float | None = None,
 ) -> float:
     """Enqueue the allocator plans (with a table), run the sampler, then refine; returns the trials' budget
     (:func:`trial_budget`: ``search.n_trials`` less the table's cost, in full evaluations). ``reference`` holds the
@@ -207,11 +208,13 @@ def run_phases(
     opened), then the allocator's (qsweep.search.warmstart: the best predicted plan, its two neighbours on the
     predicted front, then plans spread along it); the refine step gets ``search.refine_trials`` evaluations
     (default: half of what the enqueued plans leave) of what is left after them, never an enqueued plan's place,
-    and whatever the sampler left. ``search.timeout_s`` bounds every phase together."""
-    deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
+    and whatever the sampler left. ``search.timeout_s`` bounds every phase together, from now or up to
+    ``deadline`` (``time.monotonic()``; the app's, which started before the sensitivity table)."""
+    if deadline is None and search.timeout_s is not None:
+        deadline = time.monotonic() + search.timeout_s
     budget = trial_budget(search.n_trials, table.cost_evals if table is not None else 0.0)
     if table is None:
-        optimize(study, objective, budget, search.timeout_s)
+        optimize(study, objective, budget, _left(deadline))
         return budget
     if budget < 1:
         raise ConfigError(f"search.n_trials={search.n_trials} is spent by the {table.kind} sensitivity table "
@@ -270,10 +273,14 @@ class StudyRun:
     reference: dict[str, Plan] = field(default_factory=dict)
 
     def run(
-        self, session: SearchSession, table: SensitivityTable | None, allocator: Allocator = EXACT
-    ) -> int:
+        self,
+        session: SearchSession,
+        table: SensitivityTable | None,
+        allocator: Allocator = EXACT,
+        deadline: float | None = None,
+    ) -> float:
         return run_phases(self.study, self.objective, self.space, session, self.search, table,
-                          reference=self.reference.values(), allocator=allocator)  # fmt: skip
+                          reference=self.reference.values(), allocator=allocator, deadline=deadline)  # fmt: skip
 
 
 def build_study(

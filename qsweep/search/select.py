@@ -39,6 +39,7 @@ __all__ = [
     "choose",
     "evaluated_trials",
     "paired_fitness_difference",
+    "rank",
     "selection_score",
     "verify",
 ]
@@ -115,16 +116,18 @@ def selection_score(record: Mapping, size_metric: str, penalty: float, rule: str
     return point if high is None else fitness(record[f"compression_{size_metric}"], high, penalty)
 
 
-def choose(verified: Sequence[Verified], rule: str, size_metric: str, penalty: float) -> Verified | None:
-    """The reported plan among the verified candidates, by its *search-split* record (:func:`selection_score`;
-    ties go to the smaller plan, then the earlier trial)."""
+def rank(cands: Sequence[Candidate], rule: str, size_metric: str, penalty: float) -> list[Candidate]:
+    """The candidates best first by their *search-split* record (:func:`selection_score`; ties go to the smaller
+    plan, then the earlier trial)."""
     key = size_key(size_metric)
-    return max(
-        verified,
-        key=lambda v: (selection_score(v.candidate.search, size_metric, penalty, rule),
-                       -v.candidate.search[key], -v.candidate.trial),
-        default=None,
-    )  # fmt: skip
+    return sorted(cands, key=lambda c: (selection_score(c.search, size_metric, penalty, rule), -c.search[key],
+                                        -c.trial), reverse=True)  # fmt: skip
+
+
+def choose(verified: Sequence[Verified], rule: str, size_metric: str, penalty: float) -> Verified | None:
+    """The reported plan among the verified candidates: the first of :func:`rank` (the search split only)."""
+    first = rank([v.candidate for v in verified], rule, size_metric, penalty)[:1]
+    return next((v for v in verified if first and v.candidate is first[0]), None)
 
 
 def verify(cands: Sequence[Candidate], score: Callable[[Plan], PlanScore]) -> list[Verified]:
