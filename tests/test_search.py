@@ -401,7 +401,9 @@ def test_a_budget_the_proxy_table_would_spend_is_refused_before_a_study_file_exi
     assert not (out / "study.db").exists()  # the default storage: nothing left behind
 
 
-def test_a_timeout_spent_before_the_table_ends_the_run_cleanly_with_its_reports(tmp_path, bundled_cache, caplog):
+def test_a_timeout_spent_before_the_table_ends_the_run_cleanly_with_its_reports(
+    tmp_path, bundled_cache, caplog
+):
     """search.timeout_s bounds every phase (issue 19): spent while loading, the run computes no table and runs no
     trial, and still writes its results (nothing to choose)."""
     caplog.set_level("INFO", logger="qsweep")
@@ -412,7 +414,9 @@ def test_a_timeout_spent_before_the_table_ends_the_run_cleanly_with_its_reports(
     summary = run_search(cfg, out)
     assert summary["n_trials_done"] == 0 and summary["evaluations_spent"] == 0 and summary["best"] is None
     assert json.loads((out / "results.json").read_text())["sensitivity"] is None
-    assert any("timeout_s=0.001 reached before the sensitivity table" in m for m in caplog.messages), caplog.messages
+    assert any("timeout_s=0.001 reached before the sensitivity table" in m for m in caplog.messages), (
+        caplog.messages
+    )
 
 
 def test_space_has_one_parameter_per_searchable_unit(gpt2_small_table):
