@@ -242,11 +242,11 @@ def test_out_of_memory_during_a_study_is_one_line_and_the_study_resumes(tmp_path
                          "eval.max_tokens=600", "eval.context=128", tmp_path=tmp_path)  # fmt: skip
     real, calls = Evaluator.evaluate, {"n": 0}
 
-    def failing(self, model):
+    def failing(self, model, stop=None, resume=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, model)
+        return real(self, model, stop, resume)
 
     monkeypatch.setattr(Evaluator, "evaluate", failing)
     with pytest.raises(ResourceError) as err:
@@ -255,7 +255,7 @@ def test_out_of_memory_during_a_study_is_one_line_and_the_study_resumes(tmp_path
     assert "\n" not in line
     assert line.startswith("out of memory on cpu during an evaluation on split 'validation' (estimated need ")
     assert "CUDA out of memory. Tried to allocate 2.00 GiB; lower it with" in line
-    assert "the study is stored (1 of 5 trials done): resume with python -m qsweep" in line
+    assert "the study is stored (1.00 of 5 evaluations spent): resume with python -m qsweep" in line
     monkeypatch.setattr(Evaluator, "evaluate", real)
     summary = run_search(cfg, tmp_path)  # the same config: resumes
     assert summary["n_trials_done"] == 5
