@@ -1,11 +1,15 @@
 """A study built and run: :func:`build_study` (objective + sampler + study + enqueued reference plans) and its
 phases (warm start, sampler, refine), the one way the app, the benchmarks and the tests run a search.
 
-sensitivity table (stored in the study; a resume reuses it)   its cost, in full evaluations, is taken from
-                                                              search.n_trials
+The budget, ``search.n_trials``, is in full evaluations of the search split; every phase spends from it:
+
+sensitivity table (stored in the study; a resume reuses it)   its cost, counted by work
 allocator plans enqueued (qsweep.search.warmstart)            generation 0 / startup trials of the sampler
-sampler trials (Optuna) until n_trials - cost - refine_trials (null: half of what the enqueued plans leave)
-refine trials (qsweep.search.refine)                          measured local search until the budget
+sampler trials (Optuna)                                       until what refine keeps (search.refine_trials; null:
+                                                              half of what the enqueued plans leave)
+refine trials (qsweep.search.refine)                          measured local search until the budget is spent
+
+Trials racing drops (qsweep.search.racing) cost the share of the split they used, so the rest goes to more trials.
 """
 
 from __future__ import annotations
@@ -297,7 +301,10 @@ def build_study(
     """The objective (``score`` under ``search.objective``, ``size_metric``, ``max_degradation``), the sampler
     (``search.sampler`` seeded with ``seed``, default ``search.seed``), and the study ``open_study(sampler,
     objective, params by label of the reference plans)`` returns (default: a new one in memory; the app opens its
-    storage), whose finished trials the objective then knows (a duplicate plan is answered from the study)."""
+    storage), whose finished trials the objective then knows (a duplicate plan is answered from the study).
+    ``windows``: the search split's evaluator (or anything with ``n_windows``, ``n_tokens``, ``window_tokens`` and
+    ``windows_within``), so that ``score(plan, stop=, resume=)`` can score part of it: partial evaluations, racing
+    (``search.racing``) against fitness with ``penalty``; None: whole evaluations only, each costing 1."""
     reference = dict(reference)
     race = Race(tuple(search.racing), search.racing_confidence) if search.racing else None
     objective = Objective(space, score, kind=search.objective, size_metric=search.size_metric,

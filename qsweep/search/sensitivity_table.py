@@ -4,8 +4,8 @@ One record type for both kinds of table (``measured`` and ``proxy``; see qsweep.
 them and re-exports these names). A row holds ``delta_nll_per_token`` (mean per-token log-perplexity change vs the
 base plan; ``inf`` for a plan that failed to evaluate, written as null), ``degradation = expm1(delta)`` and the
 unit's bytes in that format under both accountings (``model_size_bytes``: ``seed``, numel x bits / 8;
-``packed_size_bytes``: codes plus scales). A table carries its split, token count, base perplexity and cost (wall
-time in full evaluations of the split), and saves to a versioned JSON file that :meth:`SensitivityTable.load`
+``packed_size_bytes``: codes plus scales). A table carries its split, token count, base perplexity and cost (full
+evaluations of the split, counted by work; ``info`` holds its wall time too), and saves to a versioned JSON file that :meth:`SensitivityTable.load`
 reads back exactly.
 """
 
@@ -90,7 +90,7 @@ class SensitivityTable:
     split: str
     n_tokens: int
     rows: tuple[SensitivityRow, ...]
-    cost_evals: float  # wall time in full evaluations of the split (same machine)
+    cost_evals: float  # full evaluations of the split, counted by work (the same on any machine and load)
     seconds: float
     base_perplexity: float | None = None
     info: Mapping[str, Any] = field(default_factory=dict)

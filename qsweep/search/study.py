@@ -1,10 +1,11 @@
-"""The study: storage, identity, enqueued plans, and running trials until ``search.n_trials`` are done in total.
+"""The study: storage, identity, enqueued plans, and running trials until ``search.n_trials`` evaluations are spent.
 
 * Storage (qsweep.search.storage): an SQLite file ``study.db`` in the run directory by default (one process), a
   journal file (several workers on one host) or PostgreSQL (many hosts), all with heartbeats: the trial of a
   killed worker is failed once its heartbeat is ``storage.grace_period`` seconds old and its plan retried.
 * Workers: creating the study, enqueueing plans and starting each trial happen under the storage's lock, so any
-  number of workers create and enqueue once and stop at exactly ``search.n_trials`` (:func:`optimize`).
+  number of workers create and enqueue once and stop when their trials have spent the budget, never more
+  (:func:`optimize`: each trial records the share of one evaluation it used and starts with a cap of what is left).
 * Identity: what makes two trials comparable (model, data, protocol, precision menu, size metric, baseline,
   penalty) is stored in the study; resuming it with any of these changed is refused, naming the setting.
 * Enqueued plans (uniform plans, named plans) are the first trials; one whose trial was interrupted is enqueued
