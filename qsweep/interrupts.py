@@ -3,9 +3,9 @@
 :func:`handling` turns SIGINT and SIGTERM into ``KeyboardInterrupt``. Raised at an arbitrary point, that exception
 can land while Optuna creates a trial (``study.ask``) or records its result (``study.tell``), outside the
 ``try`` that marks an interrupted trial FAIL: the trial then stays RUNNING in the storage and, on resume, counts
-as another worker's until its heartbeat goes stale. So inside :func:`deferred` (around ``study.optimize``) a
-signal is only remembered; it is raised inside :func:`allowed` (around the objective, where Optuna fails the
-trial and re-raises) or, if the study ends first, when :func:`deferred` exits.
+as another worker's until its heartbeat goes stale. So inside :func:`deferred` (around the trial loop of
+``qsweep.search.study.optimize``) a signal is only remembered; it is raised inside :func:`allowed` (around the
+objective, where the loop fails the trial and re-raises) or, if the study ends first, when :func:`deferred` exits.
 """
 
 from __future__ import annotations

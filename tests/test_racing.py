@@ -50,7 +50,7 @@ def test_a_dominated_candidate_is_dropped_and_a_close_one_is_not():
     inc = _incumbent(0.05 + noise, size=100)
     worse = inc.window_nll[:16] + TOKENS[:16] * 0.05  # 0.05 nats per token worse on every window, same size
     close = inc.window_nll[:16] + TOKENS[:16] * (0.002 + noise[:16].flip(0))  # within noise
-    kw = {"kind": "multi", "size_metric": "packed", "penalty": 10.0, "z": Race().z}
+    kw = {"kind": "multi", "size_metric": "packed", "penalty": 10.0, "z": Race().z_at(16)}
     assert "dominated by trial 0" in verdict(_record(100), worse, TOKENS[:16], [inc], **kw)
     assert verdict(_record(100), close, TOKENS[:16], [inc], **kw) is None
     # a smaller candidate is never dominated by a larger plan, however worse its perplexity
@@ -62,7 +62,7 @@ def test_a_dominated_candidate_is_dropped_and_a_close_one_is_not():
 
 def test_the_fitness_race_compares_the_optimistic_fitness_with_the_best():
     inc = _incumbent(torch.full((40,), 0.05), size=100, fit=fitness(4.0, math.expm1(0.05)))
-    kw = {"kind": "fitness", "size_metric": "packed", "penalty": 10.0, "z": Race().z}
+    kw = {"kind": "fitness", "size_metric": "packed", "penalty": 10.0, "z": Race().z_at(16)}
     same_size_worse = inc.window_nll[:10] + TOKENS[:10] * 0.01
     assert "fitness <=" in verdict(_record(100), same_size_worse, TOKENS[:10], [inc], **kw)
     # much smaller: its compression outweighs a slightly larger loss, so it may still win
@@ -70,7 +70,13 @@ def test_the_fitness_race_compares_the_optimistic_fitness_with_the_best():
 
 
 def test_a_constraint_drops_a_plan_whose_degradation_is_surely_above_it():
-    kw = {"kind": "multi", "size_metric": "packed", "penalty": 10.0, "z": Race().z, "max_degradation": 0.02}
+    kw = {
+        "kind": "multi",
+        "size_metric": "packed",
+        "penalty": 10.0,
+        "z": Race().z_at(10),
+        "max_degradation": 0.02,
+    }
     nll = TOKENS[:10].double() * 3.1
     assert "max_degradation" in verdict(_record(100, 0.10, 0.09), nll, TOKENS[:10], [], **kw)
     assert verdict(_record(100, 0.021, 0.015), nll, TOKENS[:10], [], **kw) is None

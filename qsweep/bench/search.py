@@ -80,6 +80,8 @@ def run_method(method: str, cfg, session, space: SearchSpace, table, seed: int, 
         raw["warm_start_plans"] = max(1, budget - math.ceil(table.cost_evals) - len(uniform))
     if method == "allocator" or not warm:
         raw["refine_trials"] = 0
+    if method == "allocator":  # whole evaluations, so that no budget is left over for a sampler
+        raw["racing"] = []
     raw["size_metric"] = METRIC
     search = search_config(raw)
     optuna.logging.set_verbosity(optuna.logging.ERROR)

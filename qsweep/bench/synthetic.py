@@ -129,8 +129,8 @@ def search_settings(method: str, seed: int, n_trials: int) -> SearchConfig:
     sampler = "random" if method == "allocator" else method.removesuffix("_warm")
     raw = OmegaConf.to_container(OmegaConf.load(config_dir() / "search" / f"{sampler}.yaml"), resolve=True)
     raw.update(seed=seed, n_trials=n_trials, warm_start=method.endswith("_warm") or method == "allocator")
-    if method == "allocator":  # the allocator's plans only: as many as the budget holds
-        raw.update(refine_trials=0, warm_start_plans=n_trials, name="allocator")
+    if method == "allocator":  # the allocator's plans only, whole (not raced): as many as the budget holds
+        raw.update(refine_trials=0, warm_start_plans=n_trials, name="allocator", racing=[])
     return search_config(raw)
 
 

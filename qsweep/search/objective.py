@@ -61,13 +61,14 @@ __all__ = [
 log = logging.getLogger("qsweep")
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
 _NOT_COPIED = ("enqueued_as", "duplicate_of", "cost_cap")  # attributes of the trial itself, not of its plan
-COST_ATTR = "cost_evals"  # user attribute: the share of one full evaluation a trial used
-CAP_ATTR = (
-    "cost_cap"  # user attribute: the most a trial may use (set when it starts: what the budget has left)
-)
-WINDOWS_ATTR = (
-    "qsweep:window_nll"  # system attribute: a fully evaluated plan's NLL per window (racing's pairs)
-)
+# user attributes: the share of one full evaluation a trial used; the most it may use (what the budget had left
+# when it started); system attribute: a fully evaluated plan's NLL per window (racing's pairs)
+COST_ATTR, CAP_ATTR, WINDOWS_ATTR = "cost_evals", "cost_cap", "qsweep:window_nll"
+BUDGET_CUT = "budget:"  # how the ``pruned`` attribute of a trial the budget cut short begins
+
+
+def _cut_by_budget(attrs: Mapping) -> bool:
+    return str(attrs.get("pruned") or "").startswith(BUDGET_CUT)
 
 
 def is_done(trial: FrozenTrial) -> bool:
@@ -182,7 +183,7 @@ class Objective:
     def remember(self, trials: Iterable[FrozenTrial]) -> None:
         """Learn the plans of a study's finished trials (the first trial of each plan wins)."""
         for t in trials:
-            if is_done(t) and "duplicate_of" not in t.user_attrs:
+            if is_done(t) and "duplicate_of" not in t.user_attrs and not _cut_by_budget(t.user_attrs):
                 digest = t.user_attrs["plan_digest"]
                 if digest not in self._answers:
                     windows = t.system_attrs.get(WINDOWS_ATTR)
@@ -222,7 +223,7 @@ class Objective:
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         self._constrain(trial, attrs)
-        if earlier is None:
+        if earlier is None and not _cut_by_budget(attrs):  # a plan the budget cut short may be proposed again
             self._answers[attrs["plan_digest"]] = Answer(trial.number, attrs, why is not None, windows)
         if why is not None:
             raise optuna.TrialPruned(why)
@@ -236,7 +237,7 @@ class Objective:
             return self.score(plan), None
         n = self.windows.n_windows
         stops = self.race.stops(n, self.windows.windows_within) if self.race is not None and raced else [n]
-        limit = n if cap >= 1.0 - 1e-9 else self.windows.windows_within(cap)
+        limit = n if cap >= 1.0 - 1e-9 else max(1, self.windows.windows_within(cap))
         score = None
         for stop in stops:
             stop = min(stop, limit)
@@ -248,10 +249,11 @@ class Objective:
             if self.race is not None and raced:
                 why = verdict(score.record(), score.result.window_nll, score.result.window_tokens,
                               self._incumbents(), kind=self.kind, size_metric=self.size_metric,
-                              penalty=self.penalty, z=self.race.z, max_degradation=self.max_degradation)  # fmt: skip
+                              penalty=self.penalty, z=self.race.z_at(len(score.result.window_nll)),
+                              max_degradation=self.max_degradation)  # fmt: skip
                 if why is not None:
                     return score, f"racing: {why} after {score.result.share:.0%} of the split"
-        return score, f"budget: {cap:.3f} evaluations were left"
+        return score, f"{BUDGET_CUT} {cap:.3f} evaluations were left"
 
     def _incumbents(self) -> list[Incumbent]:
         """The fully measured plans with windows a candidate is raced against: the feasible front (multi) or all

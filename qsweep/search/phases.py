@@ -154,8 +154,8 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
         ran = optimize(study, objective, budget, _left(deadline), progress=False, params=space.params_of(p.plan),
                        attrs={"enqueued_as": label, "predicted_fitness": p.predicted_fitness,
                               "refine_criterion": criterion})  # fmt: skip
-        if not ran:
-            return
+        if not ran:  # the budget is spent, or another worker took this turn: the loop asks again
+            continue
         t = next(
             (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == label), None
         )
@@ -239,10 +239,13 @@ def run_phases(
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     left = max(0.0, budget - spent(study) - waiting)  # after every enqueued plan that fits
     refine = min(wanted, left) if wanted is not None else math.floor(left) // 2
-    optimize(study, objective, budget - refine, _left(deadline))
+    optimize(study, objective, budget - refine, _left(deadline), whole=refine > 0)
     if budget - spent(study) >= objective.min_cost - 1e-9 and not _expired(deadline):
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
         _refine(study, objective, space, table, policy, search.size_metric, budget, allocator, deadline)
+    if budget - spent(study) >= objective.min_cost - 1e-9 and not _expired(deadline):
+        # what refine could not spend (no unmeasured neighbour left) goes back to the sampler
+        optimize(study, objective, budget, _left(deadline), progress=False)
     return budget
 
 

@@ -7,8 +7,8 @@ After each stage (``search.racing``: shares of the split, e.g. ``[0.25, 0.5]``, 
 ``c`` is compared with fully measured plans ``j`` *on the same windows*: with ``x_w`` the NLL difference of ``c``
 and ``j`` summed over window ``w`` and ``n_w`` its scored tokens, the per-token gap ``m = sum(x) / sum(n)`` and its
 standard error ``se`` (the ratio estimator of :func:`qsweep.metrics.paired_delta`) bound ``c``'s full-split
-log-perplexity change from below by ``delta_j + m - z * se`` (``z``: the one-sided normal quantile of
-``search.racing_confidence``). Pairing against ``j`` rather than the baseline removes most of the window-to-window
+log-perplexity change from below by ``delta_j + m - t * se`` (``t``: the one-sided Student-t quantile of
+``search.racing_confidence`` with k - 1 degrees of freedom, k windows). Pairing against ``j`` rather than the baseline removes most of the window-to-window
 spread, since two quantized plans find the same windows hard. The candidate is dropped (an Optuna ``PRUNED``
 trial, its partial record kept) when, even at that bound,
 
@@ -16,6 +16,11 @@ trial, its partial record kept) when, even at that bound,
 * ``objective=multi``: it is dominated, i.e. some plan ``j`` of the measured front is no larger and has a lower
   perplexity (the bound's gap is above 0);
 * ``max_degradation``: its degradation (paired with the baseline) is above the ceiling.
+
+What the confidence does not cover: a candidate is tested at each stage and, in the multi-objective study, against
+each front member no larger than it, with no correction for the repeated tests; and a stage is the split's first
+windows, neighbours in the text rather than a random sample, so its spread may understate the whole split's. Both
+make a wrong drop likelier than ``1 - confidence`` says; a wrong drop loses a plan, never budget.
 
 A stage needs ``MIN_WINDOWS`` windows (an interval from fewer is not worth trusting); the reference plans
 (``search.enqueue``: the uniform plans a study reports against) are never raced. Each trial records the share of
@@ -50,11 +55,11 @@ class Race:
     stages: tuple[float, ...] = (0.25, 0.5)
     confidence: float = 0.99
 
-    @property
-    def z(self) -> float:
-        from scipy.special import ndtri
+    def z_at(self, k: int) -> float:
+        """The one-sided Student-t quantile of ``confidence`` with ``k - 1`` degrees of freedom (``k`` windows)."""
+        from scipy.special import stdtrit
 
-        return float(ndtri(self.confidence))
+        return float(stdtrit(max(1, k - 1), self.confidence))
 
     def stops(self, n_windows: int, windows_within) -> list[int]:
         """The window counts of the stages (``windows_within(share)``), increasing, each with at least

@@ -216,13 +216,15 @@ def optimize(
     poll_seconds: float = 1.0,
     params: Mapping | None = None,
     attrs: Mapping | None = None,
+    whole: bool = False,
 ) -> int:
     """Run trials until the study's trials have spent ``budget`` full evaluations in total (all workers together;
     :func:`spent`), never more; returns how many this call ran.
 
     Each trial starts under the storage's lock, only while the spent budget and the running trials' caps leave at
     least ``objective.min_cost`` (a whole evaluation for an objective without partial evaluations), and with a cap
-    (``cost_cap``) of what is left, at most 1: the last trial of a budget is a partial evaluation that stops there.
+    (``cost_cap``) of what is left, at most 1: the last trial of a phase is a partial evaluation that stops there
+    (unless ``whole``).
     While other workers' trials hold the rest this worker waits (a killed worker's trial becomes stale after
     ``storage.grace_period``; it is then failed, retried and run here). Before each trial an objective with
     ``remember`` learns the plans other workers finished (answered, not re-run). Each trial records the process
@@ -230,8 +232,11 @@ def optimize(
 
     ``params``: run one trial of these parameters (and user ``attrs``), created for this call, not taken from the
     enqueued ones (the refine step's trials); without, each trial is asked from the study (its enqueued plans first,
-    then the sampler's). The phase ends early after MAX_FREE_TRIALS trials in a row that cost nothing."""
-    min_cost = float(getattr(objective, "min_cost", 1.0))
+    then the sampler's); a trial whose label (``attrs["enqueued_as"]``) another worker has already taken is not run
+    (0 is returned). ``whole``: start a trial only with a whole evaluation left (a phase that hands the rest of the
+    budget to the next, so only the last phase ends on a partial trial). The phase ends early after
+    MAX_FREE_TRIALS trials in a row that cost nothing."""
+    min_cost = 1.0 if whole else float(getattr(objective, "min_cost", 1.0))
     if budget - spent(study) < min_cost - _EPS:
         if params is None:
             log.info("study %r has spent %.2f of %.2f evaluations: nothing to run", study.study_name,
@@ -264,14 +269,20 @@ def optimize(
                     with interrupts.allowed():
                         time.sleep(poll_seconds)
                     continue
+                label = (attrs or {}).get("enqueued_as")
+                if (
+                    params is not None
+                    and label
+                    and any(t.user_attrs.get("enqueued_as") == label for t in trials)
+                ):
+                    break  # another worker runs (or ran) it
                 if remember is not None:
                     remember(trials)
                 trial = _new_trial(study, params, {**dict(attrs or {}), CAP_ATTR: min(1.0, left)})
                 lock.release()  # the trial is RUNNING and holds its cap: others may start theirs
                 held = False
-                trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, me)
-                before = spent(study)
-                _run(study, trial, objective)
+                before = used
+                _run(study, trial, objective, me)
                 ran += 1
                 free = free + 1 if spent(study) - before < _EPS else 0
                 if free >= MAX_FREE_TRIALS:
@@ -310,7 +321,7 @@ def _new_trial(study: optuna.Study, params: Mapping | None, attrs: Mapping) -> o
     return trial
 
 
-def _run(study: optuna.Study, trial: optuna.Trial, objective: Callable) -> None:
+def _run(study: optuna.Study, trial: optuna.Trial, objective: Callable, worker: str) -> None:
     """Run ``objective`` on ``trial`` with the storage's heartbeat and tell the study how it ended: complete,
     pruned, or failed (NaN values: a plan that failed to evaluate; an exception, re-raised: an interrupt, a user
     error)."""
@@ -318,8 +329,10 @@ def _run(study: optuna.Study, trial: optuna.Trial, objective: Callable) -> None:
 
     state, values = None, None
     try:
-        with get_heartbeat_thread(trial._trial_id, study._storage), interrupts.allowed():
-            values = objective(trial)
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            trial.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, worker)
+            with interrupts.allowed():
+                values = objective(trial)
     except optuna.TrialPruned:
         state = TrialState.PRUNED
     except BaseException:
