@@ -30,9 +30,8 @@ One record type (:class:`SensitivityTable`) for two ways of filling it:
 
 The record (rows, sizes, JSON/CSV) is :mod:`qsweep.search.sensitivity_table`, re-exported here. There is one row
 per (unit, format) of the space, fixed units and the base format (delta 0 by definition) included, so a table
-alone gives every size an allocator needs. ``cost_evals`` is the table's cost in full evaluations of the same
-split counted by work (:func:`proxy_cost_evals`; the measured table: 1 + its rows' block forwards over the model's
-blocks), so it is the same on any machine and load; ``info["wall_evals"]`` has its wall time in evaluations.
+alone gives every size an allocator needs. ``cost_evals``: the table's cost in full evaluations of the split,
+counted by work (the same on any machine and load); ``info["wall_evals"]``: its wall time in evaluations.
 """
 
 from __future__ import annotations
