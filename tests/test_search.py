@@ -218,7 +218,9 @@ def test_same_seed_same_trials_different_seed_different(tmp_path, search, bundle
 
 @pytest.mark.slow
 def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
-    """A space of two plans and six trials: four trials are answered from earlier ones, none evaluated again."""
+    """A space of two plans and a budget of six evaluations: each plan is evaluated once; every later trial is
+    answered from the study for free, and after MAX_FREE_TRIALS of those in a row the study stops with the budget
+    it cannot spend (2 of 6 evaluations)."""
     out = tmp_path / "run"
     out.mkdir()
     menu = "precision.menu=[{pattern: 'wte', formats: [fp16, int4]}, {pattern: '.*', formats: [fp16]}]"
@@ -228,15 +230,18 @@ def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
     calls = []
     real = EvalSession.evaluate
 
-    def spy(self, plan, split):
+    def spy(self, plan, split, stop=None, resume=None):
         calls.append((plan.digest(), split))
-        return real(self, plan, split)
+        return real(self, plan, split, stop, resume)
 
     monkeypatch.setattr(EvalSession, "evaluate", spy)
-    trials = study_of(run_search(cfg, out)).trials
-    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    from qsweep.search.study import MAX_FREE_TRIALS
+
+    summary = run_search(cfg, out)
+    trials = study_of(summary).trials
+    assert summary["evaluations_spent"] == 2 and all(t.state.name == "COMPLETE" for t in trials)
     dup = [t for t in trials if "duplicate_of" in t.user_attrs]
-    assert len(dup) >= 4
+    assert len(trials) - len(dup) == 2 and len(dup) >= MAX_FREE_TRIALS
     for t in dup:
         assert t.values == trials[t.user_attrs["duplicate_of"]].values
     on_search_split = [d for d, split in calls if split == "validation"]

@@ -296,7 +296,10 @@ def test_a_warm_study_spends_exactly_its_budget_and_a_resume_the_difference(n_tr
     session, space = ProblemSession(p, n_windows=64), p.space
     table = p.sensitivity_table("proxy")
     search = bench.search_settings("nsga2_warm", 0, n_trials)
-    search.racing = [0.25, 0.5]  # off by default; on here, so that partial evaluations are counted mid-study too
+    search.racing = [
+        0.25,
+        0.5,
+    ]  # off by default; on here, so that partial evaluations are counted mid-study too
     uniform = {f"uniform:{f}": plan for f, plan in space.uniform_plans().items()}
     run = build_study(
         space, session.score, search, reference=uniform, windows=session.windows, penalty=p.penalty
