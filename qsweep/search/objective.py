@@ -146,6 +146,11 @@ class Objective:
         self.n_evaluated = 0  # plans this process scored (not answered from the study)
 
     @property
+    def exhausted(self) -> bool:
+        """Whether the study knows every plan of the space (every further trial would be a free duplicate)."""
+        return len(self._answers) >= self.space.size
+
+    @property
     def min_cost(self) -> float:
         """The least a trial can spend (one window's share, or a whole evaluation): a budget with less left is
         spent."""

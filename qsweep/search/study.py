@@ -235,7 +235,7 @@ def optimize(
     then the sampler's); a trial whose label (``attrs["enqueued_as"]``) another worker has already taken is not run
     (0 is returned). ``whole``: start a trial only with a whole evaluation left (a phase that hands the rest of the
     budget to the next, so only the last phase ends on a partial trial). The phase ends early after
-    MAX_FREE_TRIALS trials in a row that cost nothing."""
+    MAX_FREE_TRIALS trials in a row that cost nothing, or once the objective knows every plan (``exhausted``)."""
     min_cost = 1.0 if whole else float(getattr(objective, "min_cost", 1.0))
     if budget - spent(study) < min_cost - _EPS:
         if params is None:
@@ -278,6 +278,10 @@ def optimize(
                     break  # another worker runs (or ran) it
                 if remember is not None:
                     remember(trials)
+                if getattr(objective, "exhausted", False):
+                    log.info("the study knows every plan of the search space: %.2f evaluations left unspent",
+                             budget - used)  # fmt: skip
+                    break
                 trial = _new_trial(study, params, {**dict(attrs or {}), CAP_ATTR: min(1.0, left)})
                 lock.release()  # the trial is RUNNING and holds its cap: others may start theirs
                 held = False
