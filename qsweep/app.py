@@ -33,7 +33,7 @@ from qsweep.report import candidate_entry, write_reports
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
 from qsweep.search.objective import Objective
-from qsweep.search.phases import build_study, interactions, stored_or_new_sensitivity, trial_budget
+from qsweep.search.phases import build_study, expired, interactions, stored_or_new_sensitivity, trial_budget
 from qsweep.search.select import (
     Candidate,
     Verified,
@@ -155,10 +155,6 @@ def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score,
             f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
 
 
-def _expired(deadline: float | None) -> bool:
-    return deadline is not None and time.monotonic() >= deadline
-
-
 def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> None:
     """A new proxy table that would spend all of ``search.n_trials`` is refused before it is computed (its cost
     is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing).
@@ -216,7 +212,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     spent_on_table = 0.0  # the sensitivity table's cost, in evaluations
     with interrupts.handling():  # Ctrl-C and `kill` stop the study cleanly
         try:
-            if search.warm_start and _expired(deadline) and "sensitivity" not in study.user_attrs:
+            if search.warm_start and expired(deadline) and "sensitivity" not in study.user_attrs:
                 log.warning("search.timeout_s=%s reached before the sensitivity table: no warm start, no trials",
                             search.timeout_s)  # fmt: skip
             elif search.warm_start:
@@ -270,7 +266,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     verified = verify([c for c in chosen if c.trial in first], score_report)
     rest = [c for c in chosen if c.trial not in first]
     for k, c in enumerate(rest):
-        if _expired(deadline):
+        if expired(deadline):
             log.warning("search.timeout_s reached: %d of %d candidates not re-scored on the report split %r (not in "
                         "pareto.csv)", len(rest) - k, len(chosen), report_split)  # fmt: skip
             break

@@ -298,13 +298,9 @@ class Evaluator:
         logits in the backward pass instead of keeping their activations (same values, far less memory)."""
         b = self._batches[i]
         inputs, positions, targets = b.inputs, b.positions, b.targets
-        if rows is not None and rows != (0, inputs.shape[0]):
-            per_row = inputs.shape[1] - 1
-            keep = (positions >= rows[0] * per_row) & (positions < rows[1] * per_row)
-            inputs, positions, targets = (
-                inputs[rows[0] : rows[1]],
-                positions[keep] - rows[0] * per_row,
-                targets[keep],
+        if rows is not None:  # the same restriction as a partial evaluation's, by window index
+            inputs, positions, targets, _ = _window_range(
+                b, b.first_window + rows[0], b.first_window + rows[1]
             )
         fast = self.dtype != "fp32"
         with torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=fast):

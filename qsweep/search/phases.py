@@ -41,6 +41,7 @@ from qsweep.search.warmstart import allocator_plans
 __all__ = [
     "StudyRun",
     "build_study",
+    "expired",
     "in_memory_study",
     "interactions",
     "new_sensitivity",
@@ -139,7 +140,7 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
     start = spent(study)
     jumps = policy.jump_plans(table, space, sizes, allocator)
     while budget - spent(study) >= objective.min_cost - 1e-9:
-        if _expired(deadline):
+        if expired(deadline):
             log.info("refine: search.timeout_s reached")
             return
         trials = study.get_trials(deepcopy=False)
@@ -240,10 +241,10 @@ def run_phases(
     left = max(0.0, budget - spent(study) - waiting)  # after every enqueued plan that fits
     refine = min(wanted, left) if wanted is not None else math.floor(left) // 2
     optimize(study, objective, budget - refine, _left(deadline), whole=refine > 0)
-    if budget - spent(study) >= objective.min_cost - 1e-9 and not _expired(deadline):
+    if budget - spent(study) >= objective.min_cost - 1e-9 and not expired(deadline):
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)
         _refine(study, objective, space, table, policy, search.size_metric, budget, allocator, deadline)
-    if budget - spent(study) >= objective.min_cost - 1e-9 and not _expired(deadline):
+    if budget - spent(study) >= objective.min_cost - 1e-9 and not expired(deadline):
         # what refine could not spend (no unmeasured neighbour left) goes back to the sampler
         optimize(study, objective, budget, _left(deadline), progress=False)
     return budget
@@ -253,7 +254,8 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _expired(deadline: float | None) -> bool:
+def expired(deadline: float | None) -> bool:
+    """Whether ``deadline`` (``time.monotonic()``; None: none) has passed: ``search.timeout_s``'s test, every phase."""
     return deadline is not None and time.monotonic() >= deadline
 
 
