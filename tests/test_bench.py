@@ -177,3 +177,41 @@ def test_every_benchmark_the_readme_quotes_has_a_smoke_test():
         assert direct or (alias and f"{alias.group(1)}.main(" in tests), (
             f"no test runs qsweep.bench.{name}.main"
         )
+
+
+def test_the_reference_held_out_line_scores_the_references_best_validation_plans_on_test():
+    """``bench.search`` checks the committed reference on the test split: its best validation plan and its 20 best
+    (README "Results": the reference's best validation fitness does not hold on test). A stand-in session scores a
+    plan on test by its number of 3-bit units, so every number is known."""
+    import statistics
+
+    from qsweep.bench.reference import load_reference
+    from qsweep.bench.search import METRIC, _reference_held_out
+
+    class Score:
+        penalty = 10.0
+
+        def __init__(self, plan):
+            self.value = 3.0 + 0.01 * sum(f.startswith("int3") for f in plan.formats.values())
+            self.degradation_ci95 = (0.01, 0.03)
+
+        def fitness(self, metric):
+            return self.value
+
+        def compression(self, metric):
+            return 4.0
+
+    class Session:
+        def score(self, plan, split):
+            assert split == "test"
+            return Score(plan)
+
+    ref = load_reference("lowbit")
+    out = _reference_held_out(ref, Session(), n_top=20)
+    top = sorted(ref.plans, key=lambda p: -ref.fitness(p, METRIC))[:20]
+    assert out["n_top"] == 20 and out["top_val"][1] == pytest.approx(ref.best_fitness[METRIC])
+    assert out["top_val"][0] == pytest.approx(ref.fitness(top[-1], METRIC))
+    assert out["best_test"] == Score(ref.best(METRIC).plan).value
+    assert out["best_test_ci95"] == pytest.approx((4.0 - 10 * 0.03, 4.0 - 10 * 0.01))  # fitness at the interval's ends
+    assert out["top_test_median"] == pytest.approx(statistics.median(Score(p.plan).value for p in top))
+    assert out["top_test_max"] == max(Score(p.plan).value for p in top)
