@@ -212,6 +212,8 @@ def test_the_reference_held_out_line_scores_the_references_best_validation_plans
     assert out["n_top"] == 20 and out["top_val"][1] == pytest.approx(ref.best_fitness[METRIC])
     assert out["top_val"][0] == pytest.approx(ref.fitness(top[-1], METRIC))
     assert out["best_test"] == Score(ref.best(METRIC).plan).value
-    assert out["best_test_ci95"] == pytest.approx((4.0 - 10 * 0.03, 4.0 - 10 * 0.01))  # fitness at the interval's ends
+    assert out["best_test_ci95"] == pytest.approx(
+        (4.0 - 10 * 0.03, 4.0 - 10 * 0.01)
+    )  # fitness at the interval's ends
     assert out["top_test_median"] == pytest.approx(statistics.median(Score(p.plan).value for p in top))
     assert out["top_test_max"] == max(Score(p.plan).value for p in top)
