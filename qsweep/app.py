@@ -11,6 +11,7 @@ The flow of a search (each step a module that returns values to this one; none c
                                                   n_trials in total
     candidates(trials) / verify(score on report)  Pareto set or top-k, re-scored on the held-out split
     write_reports(...)                            results.json, pareto.csv, best_plan.yaml, pareto.png
+    write_page(...)                               report.html (also on Ctrl-C), the results stored in the study
 
 README "How a search is built" draws the whole package.
 """
@@ -27,9 +28,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from qsweep import interrupts
-from qsweep.errors import ConfigError
+from qsweep.errors import ConfigError, first_line
 from qsweep.memory import ResourceError
 from qsweep.report import candidate_entry, write_reports
+from qsweep.report_page import write_page
 from qsweep.score import PlanScore, size_key
 from qsweep.search.config import search_config
 from qsweep.search.objective import Objective
@@ -128,6 +130,16 @@ def _task_overrides() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _write_page(out_dir: Path, results, study, search, session, interrupted: str | None = None) -> None:
+    """report.html (qsweep.report_page); a failure to draw it is a warning, never the study's end."""
+    try:
+        path = write_page(out_dir, results, study, metric=search.size_metric,
+                          baseline_bytes=session.baseline_size_bytes, interrupted=interrupted)  # fmt: skip
+        log.info("wrote %s", path)
+    except Exception as e:  # the study and its other reports are stored: the page is a view of them
+        log.warning("report.html not written: %s", first_line(e))
 
 
 def candidate_entry_of(v: Verified) -> dict:
@@ -233,9 +245,11 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             else:
                 budget = run.run(session, table, deadline=deadline)
         except KeyboardInterrupt:
-            log.warning("interrupted with %.2f of %.2f evaluations spent (%d trials done); the study is stored. "
-                        "Resume with: %s", spent(study) + spent_on_table, search.n_trials, count_done(study),
-                        resume_command(_task_overrides(), url, name))  # fmt: skip
+            line = (f"interrupted with {spent(study) + spent_on_table:.2f} of {search.n_trials} evaluations spent "
+                    f"({count_done(study)} trials done); the study is stored. Resume with: "
+                    f"{resume_command(_task_overrides(), url, name)}")  # fmt: skip
+            log.warning("%s", line)
+            _write_page(out_dir, None, study, search, session, interrupted=line[0].upper() + line[1:])
             raise
         except ResourceError as e:  # out of memory: one line, and the study resumes where it stopped
             raise ResourceError(f"{e}; the study is stored ({spent(study) + spent_on_table:.2f} of "
@@ -312,6 +326,9 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "selection": _selection(best, search_best, search.select, search.size_metric, session.penalty),
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
         "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
+        "n_trials": search.n_trials,
+        "command": "python -m qsweep " + " ".join(shlex.quote(o) for o in _task_overrides()),
+        "resume_command": resume_command(_task_overrides(), url, name),
     }
     summary["resources"] = session.resources()
     points = [
@@ -320,6 +337,10 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     write_reports(out_dir, summary=summary, entries=entries, best_plan=None if best is None else best.candidate.plan,
                   points=points, size_key=size_key(search.size_metric), title=name,
                   interactions=interactions(trials, table))  # fmt: skip
+    results = {**summary, "candidates": entries}
+    # the study holds its results: python -m qsweep.report --storage URL --study NAME rebuilds the page from it
+    study.set_user_attr("results", results)
+    _write_page(out_dir, results, study, search, session)
     if best is not None:
         r = best.report
         rf = r.fitness(search.size_metric)

@@ -20,9 +20,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from qsweep.plan import Plan
+from qsweep.plots import plot_front, plot_interactions
 from qsweep.score import RECORD_FIELDS
 
-__all__ = ["CSV_FIELDS", "candidate_entry", "csv_row", "plot_front", "plot_interactions", "write_reports"]
+__all__ = ["CSV_FIELDS", "candidate_entry", "csv_row", "write_reports"]
 
 log = logging.getLogger("qsweep")
 
@@ -91,65 +92,7 @@ def write_reports(
         log.warning("matplotlib is not installed: no pareto.png (pip install matplotlib)")
 
 
-def plot_front(
-    points: Sequence[Mapping], entries: Sequence[Mapping], size_key: str, title: str, path: Path
-) -> Path:
-    """Size (MB) vs search-split perplexity: ``points`` (every trial's search record, with ``enqueued_as``),
-    the candidates (``entries``) as a line, and the reference plans labelled."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter([p[size_key] / 1e6 for p in points], [p["perplexity"] for p in points], s=12, color="0.7",
-               label=f"trials ({len(points)})")  # fmt: skip
-    front = sorted(entries, key=lambda e: e["search"][size_key])
-    ax.plot([e["search"][size_key] / 1e6 for e in front], [e["search"]["perplexity"] for e in front], "o-",
-            color="tab:red", markersize=5, label="candidates: Pareto set / top-k (search split)")  # fmt: skip
-    refs = [p for p in points if p.get("enqueued_as")]
-    for p in refs:
-        x, y = p[size_key] / 1e6, p["perplexity"]
-        ax.scatter([x], [y], marker="s", s=36, color="tab:blue", zorder=3)
-        ax.annotate(p["enqueued_as"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    if refs:
-        ax.scatter([], [], marker="s", color="tab:blue", label="uniform / enqueued plans")
-    ax.set_yscale("log")
-    ax.set_xlabel(f"{size_key.removesuffix('_bytes').replace('_', ' ')} (MB)")
-    ax.set_ylabel("perplexity (search split)")
-    return _finish(fig, ax, title, path)
+if __name__ == "__main__":  # python -m qsweep.report RUN_DIR: rebuild report.html (qsweep.report_page)
+    from qsweep.report_page import main
 
-
-def plot_interactions(rows: Sequence[Mapping], title: str, path: Path) -> Path:
-    """Predicted (additive) vs measured degradation per evaluated plan, coloured by source, with the diagonal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    for source in sorted({r["source"] for r in rows}):
-        sel = [r for r in rows if r["source"] == source]
-        ax.scatter([100 * r["predicted_degradation"] for r in sel], [100 * r["measured_degradation"] for r in sel],
-                   s=14, label=f"{source} ({len(sel)})")  # fmt: skip
-    lo = min(0.0, *(100 * min(r["predicted_degradation"], r["measured_degradation"]) for r in rows))
-    hi = max(100 * max(r["predicted_degradation"], r["measured_degradation"]) for r in rows)
-    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlabel("predicted degradation, additive model (%)")
-    ax.set_ylabel("measured degradation (%)")
-    return _finish(fig, ax, title, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(fig, ax, title: str, path: Path) -> Path:
-    """Title, grid and legend; save ``path`` at 120 dpi and close the figure."""
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    fig.clf()
-    _pyplot().close(fig)
-    return path
+    raise SystemExit(main())

@@ -289,6 +289,8 @@ def test_ctrl_c_prints_one_line_whose_command_completes_the_study(tmp_path):
     assert argv[:3] == ["python", "-m", "qsweep"] and "search.n_trials=8" in argv
     done_before = states(study_of(f"sqlite:///{db}", "resume")).get("COMPLETE", 0)
     assert 2 <= done_before < 8
+    page = (tmp_path / "r1" / "report.html").read_text()  # the page of the trials so far, written on Ctrl-C
+    assert 'id="verdict">Interrupted with' in page and "Resume with" in page and str(tmp_path) not in page
     cli(*argv[3:], f"hydra.run.dir={tmp_path / 'r2'}", tmp_path=tmp_path)  # the printed command, as pasted
     study = study_of(f"sqlite:///{db}", "resume")
     assert states(study).get("COMPLETE") == 8 and "RUNNING" not in states(study)

@@ -32,7 +32,7 @@ from qsweep.search.protocol import SearchSession, SensitivitySession
 from qsweep.search.racing import Race
 from qsweep.search.refine import Measured, RefinePolicy
 from qsweep.search.samplers import make_sampler
-from qsweep.search.select import Candidate, evaluated_trials
+from qsweep.search.select import Candidate, evaluated_trials, source_of
 from qsweep.search.sensitivity import SensitivityTable, measured_table, proxy_table
 from qsweep.search.space import SearchSpace
 from qsweep.search.study import enqueue_plans, optimize, progress_bar, spent
@@ -177,7 +177,7 @@ def interactions(trials, table: SensitivityTable | None) -> list[dict]:
     for t in evaluated_trials(trials):
         label = t.user_attrs.get("enqueued_as", "") or "sampler"
         pred = predicted_delta_nll(table, Candidate.of(t).plan)
-        rows.append({"trial": t.number, "source": label.split(":")[0], "label": label,
+        rows.append({"trial": t.number, "source": source_of(label), "label": label,
                      "plan_digest": t.user_attrs["plan_digest"], "packed_size_bytes": t.user_attrs["packed_size_bytes"],
                      "predicted_degradation": math.expm1(pred), "measured_degradation": t.user_attrs["degradation"]})  # fmt: skip
     return rows

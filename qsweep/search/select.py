@@ -41,6 +41,7 @@ __all__ = [
     "paired_fitness_difference",
     "rank",
     "selection_score",
+    "source_of",
     "verify",
 ]
 
@@ -66,6 +67,12 @@ class Verified:
 
     candidate: Candidate
     report: PlanScore
+
+
+def source_of(label: str) -> str:
+    """Where a trial came from, by its ``enqueued_as`` label: ``uniform``, ``allocator``, ``refine`` (the label's
+    prefix; a named reference plan's too), or ``sampler`` (no label)."""
+    return label.split(":", 1)[0] if label else "sampler"
 
 
 def evaluated_trials(trials: Iterable[FrozenTrial]) -> list[FrozenTrial]:
