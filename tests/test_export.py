@@ -404,3 +404,58 @@ def test_a_crashing_runtime_is_one_line_and_the_export_is_kept(tiny_dirs, tmp_pa
     assert (tmp_path / "out" / f"model-{row['plan_digest']}.gguf").stat().st_size == row["file_bytes"]
     assert json.loads((tmp_path / "export.json").read_text())["error"] == row["error"]
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == [row["error"]]
+
+
+# -- where an export goes (issue 21) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        ("file", "is a file: name a directory"),
+        ("under_a_file", "which is a file: name a directory"),
+        ("proc", "cannot be written"),
+    ],
+)
+def test_a_bad_export_path_is_one_line_before_the_model_loads(
+    tiny_dirs, tmp_path, monkeypatch, where, message
+):
+    """export.path a file, under a file, or somewhere nothing can be written (/proc, even as root): one line, and
+    the model is never loaded (EvalSession is not reached)."""
+    from conftest import compose_config
+
+    import qsweep.export.cli as cli
+
+    (tmp_path / "a_file").write_text("x")
+    path = {
+        "file": tmp_path / "a_file",
+        "under_a_file": tmp_path / "a_file" / "sub",
+        "proc": "/proc/qsweep-x",
+    }[where]
+    cfg = compose_config(*tiny_overrides(tiny_dirs), "+export=gguf", "plan=q8_0", f"export.path={path}",
+                         tmp_path=tmp_path)  # fmt: skip
+    monkeypatch.setattr(cli, "EvalSession", lambda cfg: pytest.fail("the model was loaded"))
+    with pytest.raises(ExportError, match=message) as e:
+        cli.export_one(cfg, tmp_path)
+    assert f"export.path={path}" in str(e.value) and "\n" not in str(e.value)
+
+
+@needs_gguf
+def test_an_existing_export_is_replaced_only_when_asked_and_names_the_model_not_a_path(tiny_dirs, tmp_path):
+    import gguf
+    from conftest import compose_config
+
+    from qsweep.export.cli import export_one
+
+    args = [*tiny_overrides(tiny_dirs), "+export=gguf", "plan=q8_0", "export.runtime=false", "eval.max_tokens=200",
+            f"export.path={tmp_path / 'out'}"]  # fmt: skip
+    row = export_one(compose_config(*args, tmp_path=tmp_path), tmp_path)
+    with pytest.raises(
+        ExportError, match=r"exists \(this plan was exported there before\): pass export.overwrite"
+    ):
+        export_one(compose_config(*args, tmp_path=tmp_path), tmp_path)
+    again = export_one(compose_config(*args, "export.overwrite=true", tmp_path=tmp_path), tmp_path)
+    assert again["file_bytes"] == row["file_bytes"] and again["path"] == row["path"]
+    name = gguf.GGUFReader(row["path"]).get_field("general.name").contents()
+    model_dir = next(a.split("=", 1)[1] for a in tiny_overrides(tiny_dirs) if a.startswith("model.path="))
+    assert name == Path(model_dir).name and "/" not in name

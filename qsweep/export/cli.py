@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qsweep.data import load_token_ids
 from qsweep.errors import ConfigError
-from qsweep.export.common import ExportError, verify_tensors
+from qsweep.export.common import ExportError, check_destination, verify_tensors
 from qsweep.export.runtime import RuntimeCheckFailed
 from qsweep.session import EvalSession
 
@@ -31,7 +31,7 @@ __all__ = ["EXPORT_KEYS", "TARGETS", "export_one"]
 
 log = logging.getLogger("qsweep")
 TARGETS = ("gguf", "compressed")
-EXPORT_KEYS = {"target", "path", "runtime", "split", "threads", "tolerance", "kv_f32"}
+EXPORT_KEYS = {"target", "path", "runtime", "split", "threads", "tolerance", "kv_f32", "overwrite"}
 
 
 def _export_config(cfg: DictConfig) -> dict:
@@ -60,25 +60,25 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
     """Export cfg.plan / cfg.plan_file to cfg.export.target, verify it, measure it; write export.json; the record."""
     ecfg = _export_config(cfg)
     target = ecfg["target"]
+    dest = check_destination(ecfg.get("path") or out_dir)  # before the model loads
     session = EvalSession(cfg)
     plan = session.resolve_plan(cfg.plan, cfg.plan_file)
-    dest = Path(ecfg.get("path") or out_dir)
+    path = dest / (f"model-{plan.digest()}.gguf" if target == "gguf" else f"compressed-{plan.digest()}")
+    if path.exists() and not ecfg.get("overwrite"):
+        raise ExportError(f"{path} exists (this plan was exported there before): pass export.overwrite=true to "
+                          "replace it, or another export.path")  # fmt: skip
     session.applier.restore_()  # the writers start from the original fp32 weights
     log.info("export: writing %s (%d units) to %s", target, len(session.table), dest)
     if target == "gguf":
         from qsweep.export.gguf import read_gguf, write_gguf
 
-        result = write_gguf(
-            session.model, session.tokenizer, session.table, plan, dest / f"model-{plan.digest()}.gguf"
-        )
+        result = write_gguf(session.model, session.tokenizer, session.table, plan, path)
         exported = read_gguf(result.path).tensors
         runtime_model = None  # llama.cpp loads the file itself
     else:
         from qsweep.export.compressed import read_compressed, write_compressed
 
-        result = write_compressed(
-            session.model, session.tokenizer, session.table, plan, dest / f"compressed-{plan.digest()}"
-        )
+        result = write_compressed(session.model, session.tokenizer, session.table, plan, path)
         runtime_model, _ = read_compressed(result.path)
         exported = dict(runtime_model.named_parameters())
     expected = {

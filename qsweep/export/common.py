@@ -13,8 +13,11 @@ An export writes the weights of one plan in a format a real runtime loads. The c
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,11 +25,32 @@ from qsweep.errors import QsweepError
 from qsweep.plan import Plan
 from qsweep.units import UnitTable
 
-__all__ = ["ExportError", "ExportResult", "check_formats", "sha256_of", "verify_tensors"]
+__all__ = ["ExportError", "ExportResult", "check_destination", "check_formats", "sha256_of", "verify_tensors"]
 
 
 class ExportError(QsweepError, ValueError):
     """An export that cannot be written (plan, model) or read back (truncated, corrupted); one line."""
+
+
+def check_destination(dest: str | Path) -> Path:
+    """The directory an export goes into, made and proven writable (a file created and removed in it): one
+    :class:`ExportError` line if ``dest`` is a file, lies under a file, or cannot be made or written. Run before the
+    model loads, so that a bad ``export.path`` costs nothing."""
+    dest = Path(dest).expanduser()
+    where = f"export.path={dest}"
+    if dest.exists() and not dest.is_dir():
+        raise ExportError(f"{where} is a file: name a directory (the export is written into it)")
+    above = next((p for p in dest.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ExportError(f"{where} lies under {above}, which is a file: name a directory")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=dest, prefix=".qsweep-write-test-"):
+            pass
+    except OSError as e:
+        raise ExportError(f"{where} cannot be written ({os.strerror(e.errno) if e.errno else e}): name a writable "
+                          "directory") from None  # fmt: skip
+    return dest
 
 
 @dataclass

@@ -52,6 +52,16 @@ def require_gguf():
     return gguf
 
 
+def model_name(conf) -> str:
+    """The model's name for ``general.name``: its hub id, or the last component of a local directory (never a local
+    path)."""
+    name = str(getattr(conf, "_name_or_path", "") or "").rstrip("/\\")
+    if not name:
+        return "qsweep export"
+    local = os.path.isabs(os.path.expanduser(name)) or name.startswith(".") or os.path.exists(name)
+    return Path(name).name if local else name
+
+
 def _storage(fmt_name: str, shape: tuple[int, ...]) -> str:
     """GGML type of a tensor of ``shape`` (already ``[out, in]`` for 2-D) stored in format ``fmt_name``."""
     fmt = get_format(fmt_name)
@@ -133,7 +143,7 @@ def write_gguf(model: nn.Module, tokenizer, table: UnitTable, plan: Plan, path: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(tmp, "gpt2")
-    writer.add_name(str(getattr(conf, "_name_or_path", "") or "qsweep export"))
+    writer.add_name(model_name(conf))
     writer.add_context_length(conf.n_positions)
     writer.add_embedding_length(conf.n_embd)
     writer.add_feed_forward_length(conf.n_inner or 4 * conf.n_embd)
