@@ -55,6 +55,7 @@ from dataclasses import dataclass
 
 import torch
 
+import qsweep.kquants as kquants
 from qsweep.errors import ConfigError, did_you_mean
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "Format",
     "GGUFFormat",
     "IntFormat",
+    "KQuantFormat",
     "get_format",
     "register_format",
 ]
@@ -305,6 +307,45 @@ class GGUFFormat(Format):
         return numel // GGUF_BLOCK * self.block_bytes
 
 
+@dataclass(frozen=True)
+class KQuantFormat(Format):
+    """A llama.cpp K-quant (Q2_K ... Q6_K; :mod:`qsweep.kquants`: its reference quantizer, bit for bit): super-blocks
+    of 256 values along each row, ``block_bytes`` per super-block. As ``llama-quantize`` does, a tensor whose rows are
+    not a multiple of 256 is stored in the type ``kquants.FALLBACK`` names (q8_0 for q6_K, q5_1 for q5_K, q5_0 for
+    q4_K, q4_0 for q3_K and q2_K, where llama.cpp takes IQ4_NL), and 1-D tensors F32."""
+
+    block_bytes: int = 144
+
+    @property
+    def ggml_type(self) -> str:
+        return self.name.upper()  # Q4_K, as in gguf.GGMLQuantizationType
+
+    def fallback(self) -> Format:
+        return FORMATS[kquants.FALLBACK[self.name]]
+
+    def storage(self, shape: tuple[int, ...], channel_dim: int | None = None) -> str:
+        """How GGUF stores a tensor of ``shape``: :attr:`ggml_type`, or what the fallback type stores."""
+        if (
+            len(shape) >= 2
+            and channel_dim is not None
+            and not (math.prod(shape) // shape[channel_dim]) % kquants.QK_K
+        ):
+            return self.ggml_type
+        return self.fallback().storage(shape, channel_dim)
+
+    def fake_quant(self, w: torch.Tensor, channel_dim: int | None = None) -> torch.Tensor:
+        if self.storage(tuple(w.shape), channel_dim) != self.ggml_type:
+            return self.fallback().fake_quant(w, channel_dim)
+        moved = w.movedim(channel_dim, 0)  # [out, ...]: GGUF's rows, super-blocks of 256 along each
+        out = _by_rows(moved.reshape(-1, kquants.QK_K), lambda b: kquants.fake_quant(b, self.name))
+        return out.reshape(moved.shape).movedim(0, channel_dim).contiguous()
+
+    def packed_bytes(self, shape: tuple[int, ...], channel_dim: int | None = None) -> int:
+        if self.storage(shape, channel_dim) != self.ggml_type:
+            return self.fallback().packed_bytes(shape, channel_dim)
+        return math.prod(shape) // kquants.QK_K * self.block_bytes
+
+
 FORMATS: dict[str, Format] = {}
 
 
@@ -345,3 +386,7 @@ register_format(GGUFFormat("q4_0", 4, "sym", 18))
 register_format(GGUFFormat("q4_1", 4, "affine", 20))
 register_format(GGUFFormat("q5_0", 5, "sym", 22))
 register_format(GGUFFormat("q5_1", 5, "affine", 24))
+# llama.cpp's K-quants (KQuantFormat): bits per code, bytes per super-block of 256
+for _name in kquants.KQUANTS:
+    register_format(KQuantFormat(_name, int(_name[1]), kquants.BLOCK_BYTES[_name]))
+del _name

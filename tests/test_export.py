@@ -117,9 +117,9 @@ def test_gguf_export_dequantizes_to_the_simulated_weights_unit_by_unit(bundled, 
     assert set(diffs) == set(table.names) and set(diffs.values()) == {0.0}
     # the file holds the types the plan says: c_attn in the unit's block type, its bias F32, the tied wte once
     fmt = plan["h.0.attn"]
-    assert back.types["transformer.h.0.attn.c_attn.weight"] == {"fp32": "F32", "fp16": "F16"}.get(
-        fmt, fmt.upper()
-    )
+    weight = model.get_parameter("transformer.h.0.attn.c_attn.weight")  # Conv1D [in, out]: rows of `in`
+    stored = {"fp32": "F32", "fp16": "F16"}.get(fmt) or get_format(fmt).storage(tuple(weight.t().shape), 0)
+    assert back.types["transformer.h.0.attn.c_attn.weight"] == stored
     assert back.types["transformer.h.0.attn.c_attn.bias"] == "F32"
     assert "lm_head.weight" not in back.tensors
 
@@ -183,7 +183,7 @@ def test_gguf_refuses_a_format_it_cannot_store_naming_the_unit(bundled, tmp_path
         write_gguf(model, tok, table, plan, tmp_path / "x.gguf")
     assert str(err.value) == (
         "export target gguf cannot store unit 'h.3.mlp' as int4_g32; gguf accepts: q8_0, q4_0, q4_1, q5_0, q5_1, "
-        "fp32, fp16, bf16"
+        "q2_K, q3_K, q4_K, q5_K, q6_K, fp32, fp16, bf16"
     )
     assert not list(tmp_path.iterdir())  # refused before anything is written
 
@@ -289,7 +289,7 @@ def bundled_ids(bundled):
 
 @needs_gguf
 @needs_llama
-@pytest.mark.parametrize("name", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_0", "q4_K", "q6_K"])
 def test_llama_cpp_perplexity_matches_the_simulation(bundled, bundled_ids, tmp_path, name):
     """llama.cpp on the exported file vs qsweep's simulation, same 8 windows of 256 token ids (README "Export")."""
     import copy
@@ -328,7 +328,7 @@ def test_cli_refuses_a_plan_the_target_cannot_store(tmp_path, tiny_dirs):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         "qsweep: error: export target gguf cannot store unit 'wte' as int8; gguf accepts: q8_0, q4_0, q4_1, q5_0, "
-        "q5_1, fp32, fp16, bf16"
+        "q5_1, q2_K, q3_K, q4_K, q5_K, q6_K, fp32, fp16, bf16"
     )
 
 

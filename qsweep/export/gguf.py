@@ -7,6 +7,8 @@ the type its unit's format stores it as:
 
   * ``q8_0`` / ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` (:class:`~qsweep.formats.GGUFFormat`): the ggml block type,
     quantized by gguf-py from the fp32 weight (bit-exact with ggml), 1-D tensors F32, rows not a multiple of 32 F16;
+  * ``q2_K`` ... ``q6_K`` (:class:`~qsweep.formats.KQuantFormat`): packed by :mod:`qsweep.kquants` (llama.cpp's
+    reference quantizer, byte for byte); rows not a multiple of 256 in the fallback type ``llama-quantize`` uses;
   * ``fp32`` / ``fp16`` / ``bf16``: F32 / F16 / BF16; 1-D tensors (biases, LayerNorms) are always written F32
     (llama.cpp's CPU kernels add and multiply them as F32), holding the fp16/bf16-rounded values: those are the
     only tensor bytes above the predicted size (``widened_bytes``).
@@ -29,16 +31,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from qsweep import kquants
 from qsweep.errors import first_line
 from qsweep.export.common import ExportError, ExportResult, check_formats, sha256_of
-from qsweep.formats import GGUFFormat, get_format
+from qsweep.formats import GGUFFormat, KQuantFormat, get_format
 from qsweep.plan import Plan
 from qsweep.size import packed_size_bytes
 from qsweep.units import UnitTable
 
 __all__ = ["GGUF_ACCEPTS", "GGUFExport", "read_gguf", "require_gguf", "write_gguf"]
 
-GGUF_ACCEPTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "fp32", "fp16", "bf16")
+GGUF_ACCEPTS = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", *kquants.KQUANTS, "fp32", "fp16", "bf16")
 _FLOAT_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 _INSTALL = 'pip install -e ".[export]"'
 
@@ -65,7 +68,7 @@ def model_name(conf) -> str:
 def _storage(fmt_name: str, shape: tuple[int, ...]) -> str:
     """GGML type of a tensor of ``shape`` (already ``[out, in]`` for 2-D) stored in format ``fmt_name``."""
     fmt = get_format(fmt_name)
-    if isinstance(fmt, GGUFFormat):
+    if isinstance(fmt, (GGUFFormat, KQuantFormat)):
         return fmt.storage(shape, 0 if len(shape) == 2 else None)
     return _FLOAT_TYPES[fmt_name] if len(shape) >= 2 else "F32"
 
@@ -76,6 +79,15 @@ def _tensor_bytes(gguf, w: torch.Tensor, fmt_name: str, ggml_type: str) -> np.nd
         return get_format(fmt_name).fake_quant(w, 0 if w.ndim == 2 else None).numpy().astype(np.float32)
     if ggml_type == "F16":
         return w.numpy().astype(np.float16)
+    kind = ggml_type.lower().replace("_k", "_K")
+    if kind in kquants.KQUANTS:  # qsweep's port of llama.cpp's reference quantizer (gguf-py has none)
+        blocks = w.reshape(-1, kquants.QK_K)
+        step = 4096  # super-blocks at a time: bounded temporaries
+        packed = [
+            kquants.pack(kquants.quantize(blocks[i : i + step], kind), kind)
+            for i in range(0, len(blocks), step)
+        ]
+        return np.concatenate(packed).reshape(w.shape[0], -1)
     return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[ggml_type])
 
 
