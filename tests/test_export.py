@@ -190,13 +190,76 @@ def test_gguf_refuses_a_format_it_cannot_store_naming_the_unit(bundled, tmp_path
 
 @needs_gguf
 def test_gguf_refuses_other_architectures(tmp_path):
-    model = tiny_model("llama")
-    table = unit_table(model, model_cfg("llama"))
-    with pytest.raises(
-        ExportError,
-        match=r"writes GPT-2-architecture models; this model is 'llama' \(use \+export=compressed",
-    ):
+    model = tiny_model("opt")
+    table = unit_table(model, model_cfg("opt"))
+    with pytest.raises(ExportError, match=r"writes gpt2, llama, mistral, qwen2 models; this model is 'opt'"):
         write_gguf(model, None, table, Plan.uniform(table, "q8_0"), tmp_path / "x.gguf")
+
+
+# -- Llama-family GGUF (issue 21) ---------------------------------------------------------------------------------
+
+
+def _llama(tied: bool, tok):
+    """A random-init Llama with GQA (4 heads, 2 key/value heads) and rows of 256 and 512 (K-quants apply)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    conf = LlamaConfig(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                       intermediate_size=512, vocab_size=len(tok), max_position_embeddings=256,
+                       tie_word_embeddings=tied, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    model = LlamaForCausalLM(conf).float().eval()
+    # twice the init's 0.02: quantization errors that show in the perplexity
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(2)
+    return model, unit_table(model, model_cfg("llama"))
+
+
+def _llama_plans(table) -> dict[str, Plan]:
+    names = [n for n in table.names if "norm" not in n]
+    mixed = ["q4_K", "q6_K", "q8_0", "q5_K", "q4_0", "q3_K", "q2_K", "fp16", "q5_1"]
+    return {"fp32": Plan.uniform(table, "fp32"), "q8_0": Plan.uniform(table, "q8_0"), "q4_0": Plan.uniform(table, "q4_0"),
+            "q4_K": Plan.uniform(table, "q4_K"),
+            "mixed": Plan({u: mixed[names.index(u) % len(mixed)] if u in names else "fp32" for u in table.names})}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama_ids():
+    from conftest import _corpus_docs, train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer()
+    ids = torch.tensor(tok("\n\n".join(_corpus_docs()[40:44]))["input_ids"][:1024])
+    return tok, ids
+
+
+@needs_gguf
+@needs_llama
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_llama_family_gguf_loads_in_llama_cpp_at_the_simulated_perplexity(tied, llama_ids, tmp_path):
+    """Llama (GQA; untied and tied head) as fp32, q8_0, q4_0, q4_K and a mixed plan of nine GGUF types: the file reads
+    back to the simulated weights (Q/K rows un-permuted), holds the predicted bytes, and llama.cpp's perplexity on the
+    same windows is the simulated one within 0.01% (fp32) and export.tolerance, 0.2% (quantized)."""
+    import copy
+
+    tok, ids = llama_ids
+    model, table = _llama(tied, tok)
+    assert ("lm_head" in table.names) is not tied
+    ev = Evaluator(ids, 128, 128, device="cpu")
+    for name, plan in _llama_plans(table).items():
+        result = write_gguf(model, tok, table, plan, tmp_path / f"{name}.gguf")
+        back = read_gguf(result.path)
+        assert set(verify_tensors(_expected(model, table, plan), back.tensors, table).values()) == {0.0}, name
+        assert result.tensor_bytes == result.predicted_bytes + result.widened_bytes
+        assert ("lm_head.weight" in back.tensors) is not tied
+        simulated = ev.evaluate(apply_plan_(copy.deepcopy(model), plan, table))
+        runtime = gguf_perplexity(result.path, ids, 128, 128, threads=1)
+        assert runtime.n_tokens == simulated.n_tokens
+        # fp32 weights: llama.cpp's float arithmetic alone (1e-5 measured); quantized weights: it also rounds the
+        # activations to 8 bits in its quantized dot products (Q8_0 / Q8_K): up to 1.2e-3 measured here, within
+        # export.tolerance (0.002), the bound the export's own check applies
+        tolerance = 1e-4 if name == "fp32" else 2e-3
+        assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=tolerance), name
 
 
 # -- compressed-tensors -----------------------------------------------------------------------------------------
@@ -459,3 +522,23 @@ def test_an_existing_export_is_replaced_only_when_asked_and_names_the_model_not_
     name = gguf.GGUFReader(row["path"]).get_field("general.name").contents()
     model_dir = next(a.split("=", 1)[1] for a in tiny_overrides(tiny_dirs) if a.startswith("model.path="))
     assert name == Path(model_dir).name and "/" not in name
+
+
+@needs_gguf
+def test_a_sentencepiece_style_vocabulary_is_refused_in_one_line():
+    """Llama 2 / Mistral tokenizers are BPE without byte-level pre-tokenization: written as GPT-2's vocabulary,
+    llama.cpp would split text differently, so the export refuses them."""
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from qsweep.export.gguf import _vocab
+
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    with pytest.raises(
+        ExportError, match=r"byte-level BPE vocabularies .*; this tokenizer is a BPE without byte-level"
+    ):
+        _vocab(gguf, PreTrainedTokenizerFast(tokenizer_object=bpe), 3)
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
+    assert _vocab(gguf, PreTrainedTokenizerFast(tokenizer_object=bpe), 4)[0] == ["a", "b", "ab", "[PAD3]"]

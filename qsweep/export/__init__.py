@@ -1,6 +1,6 @@
 """Exporting a plan as a real quantized model that real runtimes load (README "Export").
 
-Targets: GGUF for llama.cpp (:mod:`qsweep.export.gguf`, GPT-2-architecture models) and compressed-tensors
+Targets: GGUF for llama.cpp (:mod:`qsweep.export.gguf`, GPT-2 and Llama-family models) and compressed-tensors
 ``pack-quantized`` for vLLM (:mod:`qsweep.export.compressed`, Llama/OPT-style models). Every export dequantizes to
 exactly the weights qsweep simulated (:func:`verify_tensors`), prices its tensor data as the plan's packed size
 (:class:`ExportResult`), and is measured by a real runtime (:mod:`qsweep.export.runtime`). The command line is

@@ -1,9 +1,10 @@
-"""GGUF export (llama.cpp and everything built on it) of a plan on a GPT-2-architecture model, and its reader.
+"""GGUF export (llama.cpp and everything built on it) of a plan on a GPT-2 or Llama-family model, and its reader.
 
 The file is written with gguf-py directly (not llama.cpp's converter, which needs ``n_ctx`` in the model config and
-refuses a BPE it does not recognise): architecture ``gpt2``, the hyperparameters llama.cpp's GPT-2 loader reads, the
-model's own byte-level BPE vocabulary and merges (pre-tokenizer ``gpt-2``), and one tensor per parameter, each in
-the type its unit's format stores it as:
+refuses a BPE it does not recognise): architecture ``gpt2``, ``llama`` (Llama, Mistral, SmolLM) or ``qwen2``, the
+hyperparameters llama.cpp's loader reads for it (heads and key/value heads, RMSNorm epsilon, RoPE base and
+dimensions), the model's own byte-level BPE vocabulary and merges, and one tensor per parameter with llama.cpp's
+tensor names, each in the type its unit's format stores it as:
 
   * ``q8_0`` / ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` (:class:`~qsweep.formats.GGUFFormat`): the ggml block type,
     quantized by gguf-py from the fp32 weight (bit-exact with ggml), 1-D tensors F32, rows not a multiple of 32 F16;
@@ -14,9 +15,11 @@ the type its unit's format stores it as:
     only tensor bytes above the predicted size (``widened_bytes``).
 
 GPT-2's Conv1D weights are stored ``[in, out]`` and written transposed (``[out, in]``, blocks of 32 along the input),
-as llama.cpp's converter does. A tied ``lm_head`` is not a parameter of its own: llama.cpp reuses ``token_embd``.
-qsweep adds three metadata keys: ``qsweep.plan`` (the plan, JSON), ``qsweep.tensors`` (GGUF name -> HF name and
-whether it was transposed) and ``qsweep.tensor_sha256`` (of all tensor data, in file order), so that
+as llama.cpp's converter does; for ``llama`` the rows of Q and K are permuted to llama.cpp's rotary order, as its
+converter does (whole rows move, so each row quantizes as simulated). A tied ``lm_head`` is not a parameter of its
+own: llama.cpp reuses ``token_embd``. qsweep adds three metadata keys: ``qsweep.plan`` (the plan, JSON),
+``qsweep.tensors`` (GGUF name -> HF name, whether it was transposed, heads it was permuted by) and
+``qsweep.tensor_sha256`` (of all tensor data, in file order), so that
 :func:`read_gguf` maps the file back to the model's parameters and refuses a truncated or corrupted file.
 """
 
@@ -91,14 +94,18 @@ def _tensor_bytes(gguf, w: torch.Tensor, fmt_name: str, ggml_type: str) -> np.nd
     return gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[ggml_type])
 
 
+# llama.cpp's pre-tokenizer by model type (how text is split before BPE; token ids given directly do not use it)
+_PRE = {"gpt2": "gpt-2", "qwen2": "qwen2"}
+
+
 def _vocab(gguf, tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
     """Tokens (id order, padded to the embedding's rows), their GGUF token types, and the BPE merges."""
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE":
-        raise ExportError(
-            f"the GGUF export writes byte-level BPE vocabularies; this tokenizer is {model.get('type')}"
-        )
+    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
+        kind = model.get("type") if model.get("type") != "BPE" else "a BPE without byte-level pre-tokenization"
+        raise ExportError(f"the GGUF export writes byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2, SmolLM); this "
+                          f"tokenizer is {kind} (SentencePiece-style, as Llama 2 and Mistral have)")  # fmt: skip
     vocab: dict[str, int] = dict(model["vocab"])
     special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
     for t in spec.get("added_tokens", []):
@@ -118,19 +125,83 @@ def _vocab(gguf, tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[st
     return tokens, types, merges
 
 
+# transformers model_type -> (GGUF architecture, Q/K rows permuted as llama.cpp's converter does)
+ARCHITECTURES = {"gpt2": ("gpt2", False), "llama": ("llama", True), "mistral": ("llama", True),
+                 "qwen2": ("qwen2", False)}  # fmt: skip
+
+
+def _heads(w: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
+    """llama.cpp's Q/K row order (``convert_hf_to_gguf``'s ``LlamaModel.permute``: each head's rotary halves
+    interleaved), or back (``inverse``). Rows move whole: each row's blocks, and so its quantization, are unchanged."""
+    halves = (n_head, w.shape[0] // n_head // 2, 2) if inverse else (n_head, 2, w.shape[0] // n_head // 2)
+    return w.reshape(*halves, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _permuted_heads(conf, hf_name: str) -> int:
+    """Heads to permute ``hf_name`` by (0: none): q_proj by the attention heads, k_proj by the key/value heads."""
+    if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        return conf.num_attention_heads
+    if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        return getattr(conf, "num_key_value_heads", None) or conf.num_attention_heads
+    return 0
+
+
+def _architecture(conf) -> tuple[str, bool]:
+    kind = getattr(conf, "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise ExportError(f"the GGUF export writes {', '.join(ARCHITECTURES)} models; this model is {kind!r} (use "
+                          "+export=compressed for OPT)")  # fmt: skip
+    scaling = getattr(conf, "rope_scaling", None) or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", None):
+        raise ExportError(f"the GGUF export does not write RoPE scaling ({scaling}); this model uses it")
+    return ARCHITECTURES[kind]
+
+
+def _rope_theta(conf) -> float:
+    theta = getattr(conf, "rope_theta", None)
+    if theta is None:  # transformers >= 5 keeps it in rope_parameters
+        theta = (getattr(conf, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return float(theta)
+
+
+def _hyperparameters(writer, conf, arch: str) -> None:
+    """The keys llama.cpp's loader reads for ``arch``."""
+    if arch == "gpt2":
+        writer.add_context_length(conf.n_positions)
+        writer.add_embedding_length(conf.n_embd)
+        writer.add_feed_forward_length(conf.n_inner or 4 * conf.n_embd)
+        writer.add_block_count(conf.n_layer)
+        writer.add_head_count(conf.n_head)
+        writer.add_layer_norm_eps(conf.layer_norm_epsilon)
+        return
+    n_head = conf.num_attention_heads
+    head_dim = getattr(conf, "head_dim", None) or conf.hidden_size // n_head
+    writer.add_context_length(conf.max_position_embeddings)
+    writer.add_embedding_length(conf.hidden_size)
+    writer.add_feed_forward_length(conf.intermediate_size)
+    writer.add_block_count(conf.num_hidden_layers)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(getattr(conf, "num_key_value_heads", None) or n_head)
+    writer.add_layer_norm_rms_eps(conf.rms_norm_eps)
+    writer.add_rope_freq_base(_rope_theta(conf))
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * n_head != conf.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(conf.vocab_size)
+
+
 def write_gguf(model: nn.Module, tokenizer, table: UnitTable, plan: Plan, path: str | Path) -> ExportResult:
-    """Write ``plan`` applied to ``model`` (fp32 weights, not yet quantized) as the GGUF file ``path``."""
+    """Write ``plan`` applied to ``model`` (fp32 weights, not yet quantized) as the GGUF file ``path``: GPT-2, or a
+    Llama-family model (Llama, Mistral, SmolLM: architecture ``llama``; Qwen2: ``qwen2``)."""
     gguf = require_gguf()
     conf = model.config
-    if getattr(conf, "model_type", None) != "gpt2":
-        raise ExportError(
-            f"the GGUF export writes GPT-2-architecture models; this model is {getattr(conf, 'model_type', '?')!r} "
-            f"(use +export=compressed for Llama/OPT models)"
-        )
+    arch, permute = _architecture(conf)
     check_formats(table, plan, GGUF_ACCEPTS, "gguf")
     path = Path(path)
     params = dict(model.named_parameters())
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, conf.n_layer)
+    n_layer = conf.n_layer if arch == "gpt2" else conf.num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
     arrays: list[tuple[str, np.ndarray, str]] = []
     mapping: dict[str, list] = {}
     widened = 0
@@ -144,27 +215,25 @@ def write_gguf(model: nn.Module, tokenizer, table: UnitTable, plan: Plan, path: 
             transposed = p.channel_dim == 1 and w.ndim == 2  # Conv1D [in, out] -> [out, in]
             if transposed:
                 w = w.t().contiguous()
+            heads = _permuted_heads(conf, p.name) if permute else 0
+            if heads:
+                w = _heads(w, heads).contiguous()
             ggml_type = _storage(fmt, tuple(w.shape))
             data = _tensor_bytes(gguf, w, fmt, ggml_type)
             widened += data.nbytes - get_format(fmt).packed_bytes(p.shape, p.channel_dim)
             arrays.append((gname, data, ggml_type))
-            mapping[gname] = [p.name, transposed]
-    n_vocab = params["transformer.wte.weight"].shape[0]
+            mapping[gname] = [p.name, transposed, heads]
+    n_vocab = model.get_input_embeddings().weight.shape[0]
     tokens, types, merges = _vocab(gguf, tokenizer, n_vocab)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, "gpt2")
+    writer = gguf.GGUFWriter(tmp, arch)
     writer.add_name(model_name(conf))
-    writer.add_context_length(conf.n_positions)
-    writer.add_embedding_length(conf.n_embd)
-    writer.add_feed_forward_length(conf.n_inner or 4 * conf.n_embd)
-    writer.add_block_count(conf.n_layer)
-    writer.add_head_count(conf.n_head)
-    writer.add_layer_norm_eps(conf.layer_norm_epsilon)
+    _hyperparameters(writer, conf, arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_model("gpt2")  # byte-level BPE (_vocab refuses anything else)
+    writer.add_tokenizer_pre(_PRE.get(conf.model_type, "gpt-2"))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -243,13 +312,16 @@ def read_gguf(path: str | Path) -> GGUFExport:
     mapping = json.loads(mapping)
     out, types = {}, {}
     for t in tensors:
-        hf_name, transposed = mapping[t.name]
+        hf_name, transposed, heads = (mapping[t.name] + [0])[:3]  # files before Llama support hold two fields
         w = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
         w = w.reshape(tuple(reversed([int(d) for d in t.shape])))
+        if heads:
+            w = _heads(w, heads, inverse=True).contiguous()
         out[hf_name] = w.t().contiguous() if transposed else w
         types[hf_name] = t.tensor_type.name
+    arch = _field(reader, "general.architecture") or "gpt2"
     meta = {
-        k: _field(reader, f"gpt2.{k}")
+        k: _field(reader, f"{arch}.{k}")
         for k in ("context_length", "embedding_length", "block_count", "feed_forward_length")
     }
     return GGUFExport(out, types, Plan(json.loads(plan_json)["units"]), meta)
