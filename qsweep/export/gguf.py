@@ -103,7 +103,9 @@ def _vocab(gguf, tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[st
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        kind = model.get("type") if model.get("type") != "BPE" else "a BPE without byte-level pre-tokenization"
+        kind = (
+            model.get("type") if model.get("type") != "BPE" else "a BPE without byte-level pre-tokenization"
+        )
         raise ExportError(f"the GGUF export writes byte-level BPE vocabularies (GPT-2, Llama 3, Qwen2, SmolLM); this "
                           f"tokenizer is {kind} (SentencePiece-style, as Llama 2 and Mistral have)")  # fmt: skip
     vocab: dict[str, int] = dict(model["vocab"])
