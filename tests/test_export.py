@@ -5,6 +5,7 @@ real runtimes (llama-cpp-python, transformers + compressed-tensors) reproduce th
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -542,3 +543,126 @@ def test_a_sentencepiece_style_vocabulary_is_refused_in_one_line():
         _vocab(gguf, PreTrainedTokenizerFast(tokenizer_object=bpe), 3)
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel()
     assert _vocab(gguf, PreTrainedTokenizerFast(tokenizer_object=bpe), 4)[0] == ["a", "b", "ab", "[PAD3]"]
+
+
+# -- plans as llama-quantize recipes (issue 21) -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_quantize(tmp_path_factory) -> str:
+    """llama.cpp's llama-quantize: $QSWEEP_LLAMA_QUANTIZE, one on PATH, or built (cmake, ~10 min on 2 cores) from the
+    llama.cpp source vendored in the installed llama-cpp-python's source distribution, cached in the qsweep cache."""
+    import shutil
+    import subprocess
+    import sys
+    import tarfile
+    from importlib.metadata import version
+
+    found = os.environ.get("QSWEEP_LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+    if found:
+        return found
+    ver = version("llama-cpp-python")
+    root = Path(os.environ.get("QSWEEP_CACHE", "~/.cache/qsweep")).expanduser() / f"llama-quantize-{ver}"
+    binary = root / "build" / "bin" / "llama-quantize"
+    if binary.is_file():
+        return str(binary)
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake to build llama-quantize (apt-get install cmake)")
+    root.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                          f"llama-cpp-python=={ver}", "-d", str(root)], capture_output=True, text=True)  # fmt: skip
+    if got.returncode != 0:
+        pytest.skip(
+            f"cannot download llama-cpp-python {ver}'s source to build llama-quantize: {got.stderr[-300:]}"
+        )
+    with tarfile.open(next(root.glob("llama_cpp_python-*.tar.gz"))) as tar:
+        tar.extractall(root, filter="data")
+    src = next(root.glob("llama_cpp_python-*/vendor/llama.cpp"))
+    flags = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DGGML_OPENMP=OFF"]  # fmt: skip
+    subprocess.run(
+        ["cmake", "-S", str(src), "-B", str(root / "build"), *flags], check=True, capture_output=True
+    )
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-quantize", "-j", str(os.cpu_count())],
+                   check=True, capture_output=True)  # fmt: skip
+    return str(binary)
+
+
+def _recipe_plan(table) -> Plan:
+    """Quantized types over the 2-D units (K-quants, legacy blocks), norms and GPT-2's position embeddings fp32."""
+    mixed = ["q4_K", "q6_K", "q8_0", "q5_K", "q4_0", "q3_K", "q2_K", "q5_1", "q4_1"]
+    names = [n for n in table.names if "norm" not in n and "ln" not in n and n != "wpe"]
+    return Plan({u: mixed[names.index(u) % len(mixed)] if u in names else "fp32" for u in table.names})
+
+
+@needs_gguf
+@needs_llama
+@pytest.mark.slow  # builds llama-quantize the first time (~10 min on 2 cores)
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_recipe_makes_llama_quantize_write_the_plan(family, llama_quantize, bundled, bundled_ids, llama_ids,
+                                                      tmp_path):  # fmt: skip
+    """The recipe applied by llama-quantize to an F32 GGUF gives every tensor the planned type and the very bytes of
+    qsweep's own export of the plan, so llama.cpp's perplexity is the simulated one (GPT-2 names on the bundled model,
+    whose 128-wide rows take llama-quantize's fallbacks; Llama names on a random-init GQA Llama)."""
+    import copy
+    import subprocess
+
+    import gguf
+
+    from qsweep.export.recipe import write_recipe
+
+    if family == "gpt2":
+        model, tok, table = bundled
+        ids, ctx = bundled_ids, 256
+    else:
+        tok, ids = llama_ids
+        (model, table), ctx = _llama(False, tok), 128
+    plan = _recipe_plan(table)
+    source = write_gguf(model, tok, table, Plan.uniform(table, "fp32"), tmp_path / "f32.gguf").path
+    recipe = write_recipe(model, table, plan, tmp_path / "recipe.txt")
+    assert not recipe.kept and len(recipe.tensor_types) > 10
+    out = tmp_path / "quantized.gguf"
+    subprocess.run([llama_quantize, "--tensor-type-file", recipe.path, source, str(out), "q8_0"], check=True,
+                   capture_output=True, timeout=600)  # fmt: skip
+    ours = {
+        t.name: t
+        for t in gguf.GGUFReader(write_gguf(model, tok, table, plan, tmp_path / "ours.gguf").path).tensors
+    }
+    theirs = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    assert set(theirs) == set(ours)
+    for name, t in ours.items():
+        assert theirs[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(theirs[name].data, t.data), name
+    quantized = {t.tensor_type.name for t in ours.values()}
+    assert (
+        {"Q4_K", "Q6_K", "Q2_K"} <= quantized if family == "llama" else {"Q5_0", "Q8_0", "Q4_0"} <= quantized
+    )
+    simulated = Evaluator(ids, ctx, ctx, device="cpu").evaluate(
+        apply_plan_(copy.deepcopy(model), plan, table)
+    )
+    runtime = gguf_perplexity(out, ids, ctx, ctx, threads=1)
+    assert runtime.perplexity == pytest.approx(simulated.perplexity, rel=2e-3)
+
+
+@needs_gguf
+def test_the_recipe_target_writes_one_type_per_quantizable_tensor_without_loading_weights(
+    tiny_dirs, tmp_path, monkeypatch
+):
+    """``+export=recipe`` builds the model on the meta device (a 70B model's recipe needs no memory for it): every
+    2-D tensor but GPT-2's position embeddings gets a line; what the plan asks and llama-quantize cannot do is listed."""
+    from conftest import compose_config
+
+    import qsweep.export.cli as cli
+
+    monkeypatch.setattr(cli, "EvalSession", lambda cfg: pytest.fail("the model was loaded"))
+    cfg = compose_config(*tiny_overrides(tiny_dirs), "+export=recipe", "plan=q8_0", f"export.path={tmp_path / 'r'}",
+                         tmp_path=tmp_path)  # fmt: skip
+    row = cli.export_one(cfg, tmp_path)
+    lines = (tmp_path / "r" / f"recipe-{row['plan_digest']}.txt").read_text().split()
+    # 12 blocks x (attn_qkv, attn_output, ffn_up, ffn_down) + token_embd; rows of 32: q8_0 throughout
+    assert len(lines) == row["tensors"] == 49 and row["types"] == {"q8_0": 49}
+    assert lines[0] == r"^token_embd\.weight$=q8_0" and r"^blk\.11\.ffn_down\.weight$=q8_0" in lines
+    assert row["kept"] == {
+        "position_embd.weight": "planned q8_0 (Q8_0); llama-quantize keeps it as in the source"
+    }
+    assert row["command"].startswith(f"llama-quantize --tensor-type-file recipe-{row['plan_digest']}.txt ")

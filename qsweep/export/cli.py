@@ -30,7 +30,7 @@ from qsweep.session import EvalSession
 __all__ = ["EXPORT_KEYS", "TARGETS", "export_one"]
 
 log = logging.getLogger("qsweep")
-TARGETS = ("gguf", "compressed")
+TARGETS = ("gguf", "compressed", "recipe")
 EXPORT_KEYS = {"target", "path", "runtime", "split", "threads", "tolerance", "kv_f32", "overwrite"}
 
 
@@ -61,12 +61,12 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
     ecfg = _export_config(cfg)
     target = ecfg["target"]
     dest = check_destination(ecfg.get("path") or out_dir)  # before the model loads
+    if target == "recipe":
+        return _export_recipe(cfg, ecfg, dest, out_dir)
     session = EvalSession(cfg)
     plan = session.resolve_plan(cfg.plan, cfg.plan_file)
-    path = dest / (f"model-{plan.digest()}.gguf" if target == "gguf" else f"compressed-{plan.digest()}")
-    if path.exists() and not ecfg.get("overwrite"):
-        raise ExportError(f"{path} exists (this plan was exported there before): pass export.overwrite=true to "
-                          "replace it, or another export.path")  # fmt: skip
+    name = f"model-{plan.digest()}.gguf" if target == "gguf" else f"compressed-{plan.digest()}"
+    path = _new_path(dest / name, ecfg)
     session.applier.restore_()  # the writers start from the original fp32 weights
     log.info("export: writing %s (%d units) to %s", target, len(session.table), dest)
     if target == "gguf":
@@ -119,6 +119,36 @@ def export_one(cfg: DictConfig, out_dir: Path) -> dict:
         ) as e:  # the export is written and verified: keep it, record why it is unmeasured
             row["error"] = str(e)
             log.error("%s", e)
+    (out_dir / "export.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def _new_path(path: Path, ecfg: dict) -> Path:
+    if path.exists() and not ecfg.get("overwrite"):
+        raise ExportError(f"{path} exists (this plan was exported there before): pass export.overwrite=true to "
+                          "replace it, or another export.path")  # fmt: skip
+    return path
+
+
+def _export_recipe(cfg: DictConfig, ecfg: dict, dest: Path, out_dir: Path) -> dict:
+    """The plan as a llama-quantize recipe (qsweep.export.recipe), from the model's config alone: the model is built
+    on the meta device (names and shapes, no weights), so a recipe for a 70B model needs no memory for it."""
+    from qsweep.export.recipe import write_recipe
+    from qsweep.model import load_model_config, meta_model, unit_table
+    from qsweep.plan import load_plan_file, plan_from_config
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = meta_model(load_model_config(model_cfg))
+    table = unit_table(model, model_cfg)
+    if cfg.plan_file:
+        plan = load_plan_file(cfg.plan_file, table)
+    else:
+        plan = plan_from_config(OmegaConf.to_container(cfg.plan, resolve=True), table)
+    path = _new_path(dest / f"recipe-{plan.digest()}.txt", ecfg)
+    row = write_recipe(model, table, plan, path).record()
+    log.info("wrote %s: %d tensor types; apply it with: %s", path, row["tensors"], row["command"])
+    for tensor, why in row["kept"].items():
+        log.warning("recipe: %s: %s", tensor, why)
     (out_dir / "export.json").write_text(json.dumps(row, indent=2) + "\n")
     return row
 

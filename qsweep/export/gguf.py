@@ -193,38 +193,68 @@ def _hyperparameters(writer, conf, arch: str) -> None:
     writer.add_vocab_size(conf.vocab_size)
 
 
+@dataclass
+class GGUFTensor:
+    """One parameter as the GGUF file holds it: llama.cpp's tensor name, the unit's format and the GGML type it
+    stores the tensor as (the unit's format, or its fallback for this shape), and how its rows are laid out."""
+
+    name: str
+    param: object  # qsweep.units' parameter record (name, shape, channel_dim)
+    fmt: str
+    ggml_type: str
+    transposed: bool  # Conv1D [in, out] written [out, in]
+    heads: int  # rows permuted to llama.cpp's rotary order by this many heads (0: not permuted)
+    source: torch.Tensor
+
+    def weight(self) -> torch.Tensor:
+        """The fp32 tensor as written: ``[out, in]``, Q/K rows permuted."""
+        w = self.source.detach().float().cpu()
+        if self.transposed:
+            w = w.t().contiguous()
+        return _heads(w, self.heads).contiguous() if self.heads else w
+
+
+def gguf_tensors(model: nn.Module, table: UnitTable, plan: Plan) -> list[GGUFTensor]:
+    """Every parameter of ``model`` under ``plan`` as a GGUF tensor (what :func:`write_gguf` writes and a
+    llama-quantize recipe names), in the unit table's order."""
+    gguf = require_gguf()
+    conf = model.config
+    arch, permute = _architecture(conf)
+    check_formats(table, plan, GGUF_ACCEPTS, "gguf")
+    params = dict(model.named_parameters())
+    names = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH[arch.upper()], conf.n_layer if arch == "gpt2" else conf.num_hidden_layers
+    )
+    out = []
+    for unit in table:
+        for p in unit.params:
+            gname = names.get_name(p.name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise ExportError(f"no GGUF tensor name for parameter {p.name!r} (unit {unit.name!r})")
+            shape = tuple(p.shape)
+            transposed = p.channel_dim == 1 and len(shape) == 2
+            stored = tuple(reversed(shape)) if transposed else shape
+            fmt = plan[unit.name]
+            out.append(GGUFTensor(gname, p, fmt, _storage(fmt, stored), transposed,
+                                  _permuted_heads(conf, p.name) if permute else 0, params[p.name]))  # fmt: skip
+    return out
+
+
 def write_gguf(model: nn.Module, tokenizer, table: UnitTable, plan: Plan, path: str | Path) -> ExportResult:
     """Write ``plan`` applied to ``model`` (fp32 weights, not yet quantized) as the GGUF file ``path``: GPT-2, or a
     Llama-family model (Llama, Mistral, SmolLM: architecture ``llama``; Qwen2: ``qwen2``)."""
     gguf = require_gguf()
     conf = model.config
-    arch, permute = _architecture(conf)
-    check_formats(table, plan, GGUF_ACCEPTS, "gguf")
+    arch, _ = _architecture(conf)
     path = Path(path)
-    params = dict(model.named_parameters())
-    n_layer = conf.n_layer if arch == "gpt2" else conf.num_hidden_layers
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_layer)
     arrays: list[tuple[str, np.ndarray, str]] = []
     mapping: dict[str, list] = {}
     widened = 0
-    for unit in table:
-        fmt = plan[unit.name]
-        for p in unit.params:
-            gname = names.get_name(p.name, try_suffixes=(".weight", ".bias"))
-            if gname is None:
-                raise ExportError(f"no GGUF tensor name for parameter {p.name!r} (unit {unit.name!r})")
-            w = params[p.name].detach().float().cpu()
-            transposed = p.channel_dim == 1 and w.ndim == 2  # Conv1D [in, out] -> [out, in]
-            if transposed:
-                w = w.t().contiguous()
-            heads = _permuted_heads(conf, p.name) if permute else 0
-            if heads:
-                w = _heads(w, heads).contiguous()
-            ggml_type = _storage(fmt, tuple(w.shape))
-            data = _tensor_bytes(gguf, w, fmt, ggml_type)
-            widened += data.nbytes - get_format(fmt).packed_bytes(p.shape, p.channel_dim)
-            arrays.append((gname, data, ggml_type))
-            mapping[gname] = [p.name, transposed, heads]
+    for t in gguf_tensors(model, table, plan):
+        data = _tensor_bytes(gguf, t.weight(), t.fmt, t.ggml_type)
+        widened += data.nbytes - get_format(t.fmt).packed_bytes(t.param.shape, t.param.channel_dim)
+        arrays.append((t.name, data, t.ggml_type))
+        mapping[t.name] = [t.param.name, t.transposed, t.heads]
     n_vocab = model.get_input_embeddings().weight.shape[0]
     tokens, types, merges = _vocab(gguf, tokenizer, n_vocab)
 
