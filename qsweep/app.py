@@ -111,11 +111,26 @@ def _selection(best, search_best, rule: str, size_metric: str, penalty: float) -
             "same_plan": best.candidate.plan.digest() == search_best.candidate.plan.digest()}  # fmt: skip
 
 
+_STUDY_OVERRIDES = (
+    "storage.url=",
+    "search.study_name=",
+    "hydra.run.dir=",
+    "+storage.url=",
+    "+search.study_name=",
+)
+
+
+def reproduce_command(overrides: list[str]) -> str:
+    """The command line that runs this study again as a new study: the user's overrides without the storage, study
+    name and run directory (which would resume this one)."""
+    kept = [o for o in overrides if not o.startswith(_STUDY_OVERRIDES)]
+    return "python -m qsweep " + " ".join(shlex.quote(a) for a in kept)
+
+
 def resume_command(overrides: list[str], url: str, study_name: str) -> str:
     """The command line that resumes this study: the user's overrides, with the storage and study pinned. A URL
     with a password is never printed: the command then names no URL, and says where it must come from."""
-    drop = ("storage.url=", "search.study_name=", "hydra.run.dir=", "+storage.url=", "+search.study_name=")
-    kept = [o for o in overrides if not o.startswith(drop)]
+    kept = [o for o in overrides if not o.startswith(_STUDY_OVERRIDES)]
     secret = display_url(url) != url
     if secret and url.startswith("postgresql") and not any(o.startswith("storage=") for o in kept):
         kept.append("storage=postgres")  # the group that reads QSWEEP_STORAGE_URL
@@ -327,7 +342,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
         "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
         "n_trials": search.n_trials,
-        "command": "python -m qsweep " + " ".join(shlex.quote(o) for o in _task_overrides()),
+        "command": reproduce_command(_task_overrides()),
         "resume_command": resume_command(_task_overrides(), url, name),
     }
     summary["resources"] = session.resources()
@@ -338,8 +353,13 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                   points=points, size_key=size_key(search.size_metric), title=name,
                   interactions=interactions(trials, table))  # fmt: skip
     results = {**summary, "candidates": entries}
-    # the study holds its results: python -m qsweep.report --storage URL --study NAME rebuilds the page from it
-    study.set_user_attr("results", results)
+    try:  # the study holds its results: python -m qsweep.report --storage URL --study NAME rebuilds the page from it
+        study.set_user_attr("results", results)
+    except Exception as e:  # e.g. a database column too small: the run directory still has them
+        log.warning(
+            "the study does not keep its results (%s): rebuild report.html from the run directory",
+            first_line(e),
+        )
     _write_page(out_dir, results, study, search, session)
     if best is not None:
         r = best.report

@@ -28,14 +28,16 @@ FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_
 _EPS = 1e-15  # GROUP_MAX_EPS
 
 
-def _f(v) -> torch.Tensor:
-    """A float32 scalar (computed in float32 by numpy first, as the C expression is)."""
-    return torch.tensor(np.float32(v), dtype=torch.float32)
+def _f(v, like: torch.Tensor) -> torch.Tensor:
+    """The float32 constant ``v`` (computed in float32 by numpy first, as the C expression is) as a tensor shaped and
+    placed like ``like``: a true IEEE operand on every device (CUDA turns division by a CPU scalar into
+    multiplication by its reciprocal, which rounds differently)."""
+    return torch.full_like(like, np.float32(v), dtype=torch.float32)
 
 
 def _nearest(v: torch.Tensor) -> torch.Tensor:
     """ggml's ``nearest_int``: the bits of ``v + 12582912.f``, as int32 (round half to even for |v| < 2**22)."""
-    bits = (v + _f(12582912.0)).view(torch.int32)
+    bits = (v + _f(12582912.0, v)).view(torch.int32)
     return (bits & 0x007FFFFF) - 0x00400000
 
 
@@ -70,14 +72,14 @@ def _qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: bool
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
     err = (lambda d: d.abs()) if use_mad else (lambda d: d * d)
-    iscale = _f(nmax) / (mx - mn)
-    scale = _f(1.0) / iscale
+    iscale = _f(nmax, mx) / (mx - mn)
+    scale = _f(1.0, iscale) / iscale
     L = _nearest(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
     best = _seq_sum(w * err(scale[:, None] * L + mn[:, None] - x))
     for step in range(
         nstep + 1
     ):  # min moves with each better fit, and the next step scales from it (as in C)
-        iscale = (_f(np.float32(rmin) + np.float32(rdelta) * np.float32(step)) + _f(nmax)) / (mx - mn)
+        iscale = (_f(np.float32(rmin) + np.float32(rdelta) * np.float32(step), mx) + _f(nmax, mx)) / (mx - mn)
         la = _nearest(iscale[:, None] * (x - mn[:, None])).clamp(0, nmax)
         lf = la.to(torch.float32)
         wl = w * lf
@@ -110,12 +112,12 @@ def _qx(x: torch.Tensor, nmax: int):
         lf = _nearest(iscale[:, None] * x).clamp(-nmax, nmax - 1).to(torch.float32)
         return lf, _seq_sum(wx * lf), _seq_sum(w * lf * lf)
 
-    lf, sumlx, suml2 = sums(_f(-nmax) / mx)
+    lf, sumlx, suml2 = sums(_f(-nmax, mx) / mx)
     L = lf + nmax
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(suml2))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        lf, sumlx, suml2 = sums(-_f(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / mx)
+        lf, sumlx, suml2 = sums(-_f(np.float32(nmax) + np.float32(0.1) * np.float32(step), mx) / mx)
         up = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         L = torch.where(up[:, None], lf + nmax, L)
         scale = torch.where(up, sumlx / suml2, scale)
@@ -129,7 +131,7 @@ def _q3(x: torch.Tensor, nmax: int = 4):
     """``make_q3_quants(n, nmax, x, L, do_rmse=true)`` on every row: (L, scale)."""
     mx, amax = _first_absmax(x)
     zero = amax < _EPS
-    L = _nearest((_f(-nmax) / mx)[:, None] * x).clamp(-nmax, nmax - 1).to(torch.float32)
+    L = _nearest((_f(-nmax, mx) / mx)[:, None] * x).clamp(-nmax, nmax - 1).to(torch.float32)
     w = x * x
     wx = w * x
     sumlx, suml2 = _seq_sum(wx * L), _seq_sum(w * L * L)
@@ -167,13 +169,14 @@ def quantize(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
             L, scales, mins = _qkx2(xb, w, 3, -0.5, 0.1, 15, True)
         else:
             # sqrtf, correctly rounded (torch's float32 sqrt on the CPU may be an ulp off): via float64
-            av = torch.sqrt((_seq_sum(xb * xb) / _f(32)).double()).float()
+            sum_x2 = _seq_sum(xb * xb)
+            av = torch.sqrt((sum_x2 / _f(32, sum_x2)).double()).float()
             L, scales, mins = _qkx2(xb, av[:, None] + xb.abs(), nmax, -1.0 if kind == "q4_K" else -0.5, 0.1,
                                     20 if kind == "q4_K" else 15, False)  # fmt: skip
         scales, mins = scales.reshape(S, -1), mins.reshape(S, -1)
         zero = torch.zeros((), dtype=torch.float32, device=x.device)
         max_scale, max_min = torch.maximum(scales.amax(1), zero), torch.maximum(mins.amax(1), zero)
-        top = _f(15 if kind == "q2_K" else 63)
+        top = _f(15 if kind == "q2_K" else 63, max_scale)
         inv_s = torch.where(max_scale > 0, top / max_scale, zero)
         inv_m = torch.where(max_min > 0, top / max_min, zero)
         ls, lm = _nearest(inv_s[:, None] * scales) & 0xFF, _nearest(inv_m[:, None] * mins) & 0xFF
@@ -194,10 +197,10 @@ def quantize(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
         scales = scales.reshape(S, 16)
         max_scale, _ = _first_absmax(scales)
         nonzero = max_scale != 0
-        iscale = _f(-32.0) / max_scale
+        iscale = _f(-32.0, max_scale) / max_scale
         l8 = ((_nearest(iscale[:, None] * scales) + 128) & 0xFF) - 128  # int8_t
         sc = torch.where(nonzero[:, None], l8.clamp(-32, 31), torch.full_like(l8, -32))
-        d = torch.where(nonzero, _fp16(_f(1.0) / iscale), torch.zeros_like(max_scale))
+        d = torch.where(nonzero, _fp16(_f(1.0, iscale) / iscale), torch.zeros_like(max_scale))
         dd = d[:, None] * sc.to(torch.float32)
         fresh = _nearest(x.reshape(S, 16, 16) / dd[..., None]).clamp(-4, 3) + 4
         q = torch.where((dd != 0)[..., None], fresh.to(torch.float32), L.reshape(S, 16, 16)).reshape(S, QK_K)
@@ -207,9 +210,9 @@ def quantize(x: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
         scales = scales.reshape(S, 16)
         max_scale, amax = _first_absmax(scales)
         zero = amax < _EPS
-        iscale = _f(-128.0) / max_scale
+        iscale = _f(-128.0, max_scale) / max_scale
         sc = ((_nearest(iscale[:, None] * scales).clamp(max=127) + 128) & 0xFF) - 128  # int8_t
-        d = _fp16(_f(1.0) / iscale)
+        d = _fp16(_f(1.0, iscale) / iscale)
         dd = d[:, None] * sc.to(torch.float32)
         fresh = (_nearest(x.reshape(S, 16, 16) / dd[..., None]).clamp(-32, 31) + 32).to(torch.float32)
         q = torch.where((dd != 0)[..., None], fresh, L.reshape(S, 16, 16)).reshape(S, QK_K)

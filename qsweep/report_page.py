@@ -22,7 +22,9 @@ import argparse
 import html
 import json
 import math
+import os
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -31,10 +33,12 @@ import optuna
 from qsweep.errors import ConfigError, one_line_errors
 from qsweep.formats import get_format
 from qsweep.plots import plot_interactions, plot_study_front, svg_of
+from qsweep.score import size_key
 from qsweep.search.objective import trial_cost
 from qsweep.search.phases import interactions
 from qsweep.search.select import evaluated_trials, source_of
 from qsweep.search.sensitivity_table import SensitivityTable
+from qsweep.search.storage import display_url, is_new_storage_file, open_storage
 
 __all__ = ["PAGE", "budget_by_phase", "main", "plan_grid", "render_page", "write_page"]
 
@@ -107,7 +111,7 @@ def _grid_html(plan: Mapping[str, str], colours: Mapping[str, str], caption: str
 def _points(trials, metric: str) -> list[dict]:
     return [{"trial": t.number, "label": t.user_attrs.get("enqueued_as", ""),
              "source": source_of(t.user_attrs.get("enqueued_as", "")),
-             "size_bytes": t.user_attrs[f"{metric}_size_bytes"], "degradation": t.user_attrs["degradation"],
+             "size_bytes": t.user_attrs[size_key(metric)], "degradation": t.user_attrs["degradation"],
              "fitness": t.user_attrs[f"fitness_{metric}"], "plan": json.loads(t.user_attrs["plan"])["units"],
              "bits_per_param": t.user_attrs.get("bits_per_param")}
             for t in evaluated_trials(trials)]  # fmt: skip
@@ -117,6 +121,11 @@ def budget_by_phase(trials, table_cost: float) -> list[tuple[str, int, float]]:
     """(phase, trials, evaluations spent) for the sensitivity table and each source of trials, in order."""
     rows: dict[str, list] = {}
     for t in trials:
+        if t.state.name in (
+            "WAITING",
+            "RUNNING",
+        ):  # enqueued and not run yet, or running elsewhere: nothing spent
+            continue
         r = rows.setdefault(source_of(t.user_attrs.get("enqueued_as", "")), [0, 0.0])
         r[0] += 1
         r[1] += trial_cost(t)
@@ -127,9 +136,11 @@ def budget_by_phase(trials, table_cost: float) -> list[tuple[str, int, float]]:
     ]
 
 
-def _verdict(results: Mapping | None, interrupted: str | None) -> str:
+def _verdict(results: Mapping | None, interrupted: str | None, run_dir: Path | None) -> str:
     if interrupted:
-        return f'<p class="verdict bad" id="verdict">{_e(interrupted)}</p>'
+        line, sep, command = interrupted.partition("Resume with: ")
+        text = _scrub(line, run_dir, command=False) + sep + _scrub(command, run_dir)
+        return f'<p class="verdict bad" id="verdict">{_e(text)}</p>'
     vs, best = results.get("best_vs_uniform"), results.get("best")
     split = results.get("report_split")
     if best is None:
@@ -191,13 +202,40 @@ def _sensitivity_html(table: SensitivityTable | None, points: Sequence[Mapping],
     return "".join(out) + "</section>"
 
 
-def _scrub(text: str, run_dir: Path | None) -> str:
-    """``text`` with the run directory shown as ``<run dir>`` and any other absolute path of an override
-    (``key=/abs/path``) as ``key=<key>``: no local path in the page."""
-    if run_dir is not None:
-        text = text.replace(str(Path(run_dir).resolve()), "<run dir>").replace(str(run_dir), "<run dir>")
-    return re.sub(r"(?<![\w<])([\w.+]+)=(?:[a-z]+:///)?(?:/|~/)[^\s'\"]*",
-                  lambda m: f"{m.group(1)}=<{m.group(1).lstrip('+')}>", text)  # fmt: skip
+_PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+:)[^@\s]+@")  # scheme://user:PASSWORD@
+_PLAIN = re.compile(
+    r"[\w@%+=:,./<>~*\[\]-]+"
+)  # a word a shell takes as it is (< > only as qsweep writes them)
+_ABSOLUTE = re.compile(
+    r"(?<![\w.:/<>])(?:~|/)[^\s'\"(),]*"
+)  # a path from the root or home, not inside a word
+
+
+def _scrub(text: str, run_dir: Path | None, command: bool = True) -> str:
+    """``text`` with no local path and no password: the run directory shown as ``<run dir>``, in a ``command``
+    ``key=<absolute path or file URL>`` as ``key=<key>``, any other absolute path as ``<local path>``, and a URL's
+    password as ``***``."""
+    text = _PASSWORD.sub(r"\1***@", text)
+    here = (
+        str(run_dir)
+        if run_dir is not None and Path(run_dir).is_absolute() and len(str(run_dir)) > 1
+        else None
+    )
+    try:
+        words = shlex.split(text) if command else None
+    except ValueError:  # unbalanced quotes: not a command
+        words = None
+    if words is None:
+        return _ABSOLUTE.sub("<local path>", text.replace(here, "<run dir>") if here else text)
+    out = []
+    for word in words:
+        if here and here in word:
+            out.append(word.replace(here, "<run dir>"))
+            continue
+        key, eq, value = word.partition("=")
+        local = value.startswith(("/", "~")) or re.match(r"[a-z]+:///?[/~]", value)
+        out.append(f"{key}=<{key.lstrip('+')}>" if eq and local else _ABSOLUTE.sub("<local path>", word))
+    return " ".join(w if _PLAIN.fullmatch(w) else shlex.quote(w) for w in out)
 
 
 def _study_html(results: Mapping | None, trials, table_cost: float, run_dir: Path | None) -> str:
@@ -208,8 +246,8 @@ def _study_html(results: Mapping | None, trials, table_cost: float, run_dir: Pat
             ("baseline perplexity", ", ".join(f"{k} {v:.4f}" for k, v in (r.get("baseline_perplexity") or {}).items())),
             ("baseline size", f"{r['baseline_size_bytes']:,} bytes" if r.get("baseline_size_bytes") else "-")]  # fmt: skip
     out = ['<section id="study"><h2>The study</h2><table id="identity">']
-    out += [f'<tr><th style="text-align:left">{_e(k)}</th><td style="text-align:left">{_e(v)}</td></tr>'
-            for k, v in rows]  # fmt: skip
+    out += [f'<tr><th style="text-align:left">{_e(k)}</th><td style="text-align:left">{_e(_scrub(str(v), run_dir, command=False))}'
+            "</td></tr>" for k, v in rows]  # fmt: skip
     out.append('</table><h3>Budget spent by phase (full evaluations of the search split)</h3><table id="budget">'
                "<tr><th>phase</th><th>trials</th><th>evaluations</th></tr>")  # fmt: skip
     phases = budget_by_phase(trials, table_cost)
@@ -220,17 +258,15 @@ def _study_html(results: Mapping | None, trials, table_cost: float, run_dir: Pat
                f"<p>Budget <code>search.n_trials</code>: {_e(budget if budget is not None else '-')} evaluations; "
                f"{r.get('n_trials_pruned', 0)} trials dropped by racing, {r.get('n_duplicates', 0)} duplicates "
                "(answered from the study, free).</p>")  # fmt: skip
-    commands = [
-        ("reproduce (a new study)", r.get("command")),
-        ("resume or extend this study", r.get("resume_command")),
-    ]
+    commands = [(k, _scrub(r[c], run_dir)) for k, c in (("reproduce (a new study)", "command"),
+                                                          ("resume or extend this study", "resume_command")) if r.get(c)]  # fmt: skip
     if r.get("best") is not None:
         commands += [("export the chosen plan for llama.cpp (GGUF formats only)",
                       "python -m qsweep +export=gguf plan_file=<run dir>/best_plan.yaml export.path=exports"),
                      ("export it for vLLM (compressed-tensors; Llama/OPT models)",
                       "python -m qsweep +export=compressed plan_file=<run dir>/best_plan.yaml export.path=exports")]  # fmt: skip
     out.append("<h3>Commands</h3><ul>")
-    out += [f"<li>{_e(k)}: <code>{_e(_scrub(v, run_dir))}</code></li>" for k, v in commands if v]
+    out += [f"<li>{_e(k)}: <code>{_e(v)}</code></li>" for k, v in commands]
     return "".join(out) + "</ul></section>"
 
 
@@ -238,7 +274,7 @@ def _front_html(results: Mapping | None, points: Sequence[Mapping], metric: str,
     best = (results or {}).get("best")
     chosen = None
     if best is not None:
-        chosen = {"size_bytes": best["report"][f"{metric}_size_bytes"], "report_split": results["report_split"],
+        chosen = {"size_bytes": best["report"][size_key(metric)], "report_split": results["report_split"],
                   "search_degradation": best["search"]["degradation"],
                   "report_degradation": best["report"]["degradation"]}  # fmt: skip
     out = [
@@ -253,11 +289,11 @@ def _front_html(results: Mapping | None, points: Sequence[Mapping], metric: str,
         out.append(f'<table id="candidates"><tr><th>trial</th><th>from</th><th>{metric} size (bytes)</th>'
                    f"<th>compression</th><th>search {fit}</th><th>report {fit}</th><th>report degradation (%)</th>"
                    "</tr>")  # fmt: skip
-        for c in sorted(cands, key=lambda c: c["search"][f"{metric}_size_bytes"]):
+        for c in sorted(cands, key=lambda c: c["search"][size_key(metric)]):
             mark = " (chosen)" if best is not None and c["trial"] == best["trial"] else ""
             deg = c["report"]["degradation"]
             out.append(f'<tr data-trial="{c["trial"]}"><td>{c["trial"]}{mark}</td><td>{_e(c["enqueued_as"] or "sampler")}'
-                       f'</td><td>{c["search"][f"{metric}_size_bytes"]}</td><td>{_num(c["report"][f"compression_{metric}"], ".3f")}'
+                       f'</td><td>{c["search"][size_key(metric)]}</td><td>{_num(c["report"][f"compression_{metric}"], ".3f")}'
                        f'</td><td>{_num(c["search"][fit])}</td><td>{_num(c["report"][fit])}</td>'
                        f"<td>{_num(None if deg is None else 100 * deg, '.2f')}</td></tr>")  # fmt: skip
         out.append("</table>")
@@ -274,7 +310,7 @@ def _plans_html(results: Mapping | None, points: Sequence[Mapping], metric: str)
     if best is not None:
         rec = best["report"]
         out.append(_grid_html(best["plan"], colours, f"chosen plan (trial {best['trial']}, {best['enqueued_as'] or 'sampler'}): "
-                              f"{rec['bits_per_param']:.3f} bits per parameter, {rec[f'{metric}_size_bytes']:,} bytes "
+                              f"{rec['bits_per_param']:.3f} bits per parameter, {rec[size_key(metric)]:,} bytes "
                               f"({rec[f'compression_{metric}']:.3f}x)", "chosen"))  # fmt: skip
     if top_uniform is not None:
         bits = top_uniform["bits_per_param"]
@@ -293,7 +329,7 @@ def render_page(results: Mapping | None, trials, table: SensitivityTable | None,
     trials; ``interrupted``: the line saying where an interrupted study stopped and how to resume it."""
     points = _points(trials, metric)
     table_cost = table.cost_evals if table is not None else 0.0
-    body = [f"<h1>{_e(title)}</h1>", _verdict(results, interrupted), _front_html(results, points, metric, baseline_bytes),
+    body = [f"<h1>{_e(title)}</h1>", _verdict(results, interrupted, run_dir), _front_html(results, points, metric, baseline_bytes),
             _plans_html(results, points, metric), _sensitivity_html(table, points, trials),
             _study_html(results, trials, table_cost, run_dir)]  # fmt: skip
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
@@ -332,11 +368,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not (args.storage and args.study):
         raise ConfigError("pass a run directory, or --storage URL and --study NAME")
     storage = args.storage or results["storage"]
+    if "***" in storage:  # results.json shows a password masked: the real URL comes from the environment
+        storage = os.environ.get("QSWEEP_STORAGE_URL") or storage
     name = args.study or results["study_name"]
+    if is_new_storage_file(storage):
+        raise ConfigError(f"no study storage at {display_url(storage)}")
     try:
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=open_storage(storage))
     except KeyError:
-        raise ConfigError(f"no study {name!r} in {storage}") from None
+        raise ConfigError(f"no study {name!r} in {display_url(storage)}") from None
     results = results or study.user_attrs.get("results")
     if results is None:
         raise ConfigError(f"study {name!r} holds no results (it never finished): run it to the end first")

@@ -102,3 +102,20 @@ def test_k_quant_sizes_and_layout_without_llama_cpp():
         assert torch.equal(y[0, :256], torch.zeros(256))  # an all-zero super-block stays zero
         err = (y - x)[8:].abs().mean() / x[8:].abs().mean()
         assert err < {"q2_K": 0.45, "q3_K": 0.25, "q4_K": 0.12, "q5_K": 0.06, "q6_K": 0.03}[kind], (kind, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", kquants.KQUANTS)
+def test_k_quants_on_a_gpu_are_the_cpus_bit_for_bit(kind):
+    """A search on a GPU simulates llama.cpp's bytes too: every constant is a tensor on the data's device (CUDA turns
+    a division by a CPU scalar into a multiplication by its reciprocal)."""
+    for seed in range(5):
+        x = torch.from_numpy(hard(seed, cols=3072))
+        cpu = kquants.quantize(x.reshape(-1, kquants.QK_K), kind)
+        gpu = kquants.quantize(x.cuda().reshape(-1, kquants.QK_K), kind)
+        assert np.array_equal(kquants.pack(gpu, kind), kquants.pack(cpu, kind)), (kind, seed)
+        assert torch.equal(kquants.fake_quant(x.cuda(), kind).cpu(), kquants.fake_quant(x, kind)), (
+            kind,
+            seed,
+        )

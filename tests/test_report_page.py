@@ -8,6 +8,7 @@ import math
 import shutil
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from conftest import compose_config
@@ -189,6 +190,37 @@ def test_plan_grids_and_paths_are_read_from_any_family():
     cmd = "python -m qsweep model.path=/data/m storage.url=sqlite:////srv/x/study.db hydra.run.dir=/tmp/r +search=tpe"
     assert _scrub(cmd, None) == ("python -m qsweep model.path=<model.path> storage.url=<storage.url> "
                                  "hydra.run.dir=<hydra.run.dir> +search=tpe")  # fmt: skip
+    # passwords, quoted paths with spaces, the run directory inside a URL, free text
+    cmd = "python -m qsweep 'data.path=/home/me/my data' storage.url=postgresql://u:hunter2@db/x"
+    assert _scrub(cmd, None) == "python -m qsweep data.path=<data.path> storage.url=postgresql://u:***@db/x"
+    cmd = "python -m qsweep storage.url=sqlite:////tmp/r/study.db search.study_name=s"
+    assert (
+        _scrub(cmd, Path("/tmp/r"))
+        == "python -m qsweep 'storage.url=sqlite:///<run dir>/study.db' search.study_name=s"
+    )
+    assert _scrub("/tmp/r/x and /home/me/m (component)", Path("/tmp/r"), command=False) == (
+        "<run dir>/x and <local path> (component)"
+    )
+    assert (
+        _scrub("python -m qsweep plan_file=best_plan.yaml", Path("."))
+        == "python -m qsweep plan_file=best_plan.yaml"
+    )
+
+
+def test_a_seed_size_metric_study_draws_its_page(finished):
+    """search.size_metric=seed: sizes are model_size_bytes (qsweep.score.size_key), not "seed_size_bytes"."""
+    import optuna
+
+    from qsweep.report_page import render_page
+
+    _, results = finished
+    study = optuna.load_study(study_name=results["study_name"], storage=results["storage"])
+    page = Page(render_page(results, study.get_trials(), None, title="t", metric="seed",
+                            baseline_bytes=results["baseline_size_bytes"]))  # fmt: skip
+    rows = page.rows["candidates"][1:]
+    assert sorted(int(r[2]) for r in rows) == sorted(
+        c["search"]["model_size_bytes"] for c in results["candidates"]
+    )
 
 
 @pytest.mark.slow

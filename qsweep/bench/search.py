@@ -150,7 +150,9 @@ def _reference_held_out(ref, session, n_top: int = 20) -> dict:
     is a yardstick for the search split, not for what a plan is worth on text it has not seen."""
     top = sorted(ref.plans, key=lambda p: (-ref.fitness(p, METRIC), p.found_at))[:n_top]
     best = _test_plan(ref.best(METRIC).plan, session)
-    tests = [_test_plan(p.plan, session)[0] for p in top]
+    tests = [
+        f for f in (_test_plan(p.plan, session)[0] for p in top) if f is not None
+    ]  # None: failed to evaluate
     return {"best_test": best[0], "best_test_ci95": best[1:], "n_top": len(top),
             "top_val": (ref.fitness(top[-1], METRIC), ref.fitness(top[0], METRIC)),
             "top_test_median": statistics.median(tests), "top_test_max": max(tests)}  # fmt: skip
