@@ -312,7 +312,7 @@ class KQuantFormat(Format):
     """A llama.cpp K-quant (Q2_K ... Q6_K; :mod:`qsweep.kquants`: its reference quantizer, bit for bit): super-blocks
     of 256 values along each row, ``block_bytes`` per super-block. As ``llama-quantize`` does, a tensor whose rows are
     not a multiple of 256 is stored in the type ``kquants.FALLBACK`` names (q8_0 for q6_K, q5_1 for q5_K, q5_0 for
-    q4_K, q4_0 for q3_K and q2_K, where llama.cpp takes IQ4_NL), and 1-D tensors F32."""
+    q4_K, q4_0 for q3_K and q2_K), and 1-D tensors F32."""
 
     block_bytes: int = 144
 

@@ -22,8 +22,8 @@ __all__ = ["BLOCK_BYTES", "FALLBACK", "KQUANTS", "QK_K", "dequantize", "fake_qua
 QK_K = 256
 KQUANTS = ("q2_K", "q3_K", "q4_K", "q5_K", "q6_K")
 BLOCK_BYTES = {"q2_K": 84, "q3_K": 110, "q4_K": 144, "q5_K": 176, "q6_K": 210}  # ggml's type sizes
-# llama-quantize's type for a tensor whose rows are not a multiple of 256 (llama-quant.cpp; Q2_K/Q3_K -> IQ4_NL,
-# which qsweep does not simulate: q4_0 stands in, as llama.cpp does for the ternary types)
+# llama-quantize's type for a tensor whose rows are not a multiple of 256 (tensor_type_fallback in llama-quant.cpp,
+# llama-cpp-python 0.3.36's llama.cpp; older versions took IQ4_NL for Q2_K/Q3_K); then F16 if 32 does not divide
 FALLBACK = {"q2_K": "q4_0", "q3_K": "q4_0", "q4_K": "q5_0", "q5_K": "q5_1", "q6_K": "q8_0"}
 _EPS = 1e-15  # GROUP_MAX_EPS
 

@@ -221,7 +221,7 @@ def test_builder_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert (
         err
-        == "qsweep.bench.reference: error: unknown --menu 'nope'; valid: gguf, lowbit, open, seed (conf/precision/)"
+        == "qsweep.bench.reference: error: unknown --menu 'nope'; valid: gguf, gguf_k, lowbit, open, seed (conf/precision/)"
     )
     assert main(["--menu", "seed", "--out", str(out), "eval.nope=3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

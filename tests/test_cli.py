@@ -192,7 +192,7 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):
         (["plan.units.x=int8"], "unknown config key 'plan.units.x'; to add it there, use +plan.units.x=VALUE"),
         (["+search=nsgaa2"], "unknown option 'nsgaa2' of config group 'search' (did you mean nsga2?); valid: gp, "),
         (["plan=nonexistent"], "unknown option 'nonexistent' of config group 'plan'; valid: all_int8_attn, "),
-        (["precision=bogus"], "unknown option 'bogus' of config group 'precision'; valid: gguf, lowbit, open, seed"),
+        (["precision=bogus"], "unknown option 'bogus' of config group 'precision'; valid: gguf, gguf_k, lowbit, open, seed"),
         (["search=nsga2"], "config group 'search' is not in the defaults list: add it with +search=OPTION"),
         (["penalty=abc"], "penalty=abc: Value 'abc' of type 'str' could not be converted to Float"),
         (["eval.context=["], "cannot parse the override: "),

@@ -75,8 +75,9 @@ def test_k_quants_are_llama_cpps_values_and_bytes(kind, seed):
 @needs_llama
 @pytest.mark.parametrize("kind", kquants.KQUANTS)
 def test_rows_not_a_multiple_of_256_are_stored_as_llama_quantize_stores_them(kind):
-    """llama-quantize falls back (llama-quant.cpp): q6_K -> q8_0, q5_K -> q5_1, q4_K -> q5_0, q3_K and q2_K -> IQ4_NL
-    (qsweep: q4_0); rows not a multiple of the fallback's 32 -> F16. A [n, 384] weight (GPT-2's 768 / 2, the
+    """llama-quantize falls back (tensor_type_fallback in llama-quant.cpp): q6_K -> q8_0, q5_K -> q5_1, q4_K -> q5_0,
+    q3_K and q2_K -> q4_0; rows not a multiple of the fallback's 32 -> F16 (the recipe slow test in test_export.py
+    checks llama-quantize itself). A [n, 384] weight (GPT-2's 768 / 2, the
     bundled model's 128-wide rows the same way)."""
     fallback = kquants.FALLBACK[kind]
     fmt = get_format(kind)
