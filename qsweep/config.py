@@ -65,6 +65,9 @@ class EvalConfig:
     report_split: str = "test"
     batch_size: int = 8
     logits_chunk: int | None = None  # rows of logits at a time; null: 512 on CPU, 4096 on GPU
+    kld: bool = (
+        True  # KL divergence to the baseline in every record (qsweep.heads: its hidden states are kept)
+    )
     dtype: str = "auto"  # auto (the checkpoint's on a GPU, fp32 on CPU) | fp32 (exact) | bf16 | fp16
     device: str = "auto"
     compile: bool = False

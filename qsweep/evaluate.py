@@ -15,17 +15,16 @@ default) or bf16/fp16 autocast (GPU); ``compile`` wraps the base model in ``torc
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qsweep.device import DEVICES, resolve_device
 from qsweep.errors import ConfigError
+from qsweep.heads import Reference, checkpointed_layers, score_batch
 
 __all__ = [
     "CI_MIN_TOKENS",
@@ -91,6 +90,10 @@ class EvalResult:
     error: str | None = None
     extra: dict = field(default_factory=dict)
     split_tokens: int = 0  # the scored tokens of the whole split (0: unknown; a partial result has fewer)
+    # per scored token, against the split's reference (the baseline; qsweep.heads): KL(baseline || this), and whether
+    # the top-1 token is the baseline's; None without a reference
+    token_kld: torch.Tensor | None = None
+    same_top1: torch.Tensor | None = None
 
     @property
     def share(self) -> float:
@@ -113,8 +116,10 @@ def partial_result(result: EvalResult, stop: int) -> EvalResult:
     if stop >= len(result.window_nll):
         return result
     nll, tokens = result.window_nll[:stop], result.window_tokens[:stop]
-    return EvalResult(float(nll.sum()), int(tokens.sum()), nll, tokens, result.seconds, result.error,
-                      split_tokens=result.split_tokens or result.n_tokens)  # fmt: skip
+    n = int(tokens.sum())
+    kld, top1 = (None, None) if result.token_kld is None else (result.token_kld[:n], result.same_top1[:n])
+    return EvalResult(float(nll.sum()), n, nll, tokens, result.seconds, result.error,
+                      split_tokens=result.split_tokens or result.n_tokens, token_kld=kld, same_top1=top1)  # fmt: skip
 
 
 @dataclass
@@ -147,6 +152,7 @@ class Evaluator:
         logits_chunk: int | None = None,
         device: str | torch.device | None = "auto",
         compile: bool = False,
+        kld: bool = True,
     ):
         if dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"unknown eval.dtype {dtype!r}; valid: {', '.join(COMPUTE_DTYPES)}")
@@ -172,6 +178,10 @@ class Evaluator:
         self.n_tokens = int(self.window_tokens.sum())
         self._batches = self._make_batches(ids.to(self.device), batch_size)
         self._compiled = None
+        self.kld = kld
+        self._reference: list[Reference] | None = (
+            None  # per batch: the baseline's hidden states (record_reference)
+        )
 
     def _make_batches(self, ids: torch.Tensor, batch_size: int) -> list[_Batch]:
         batches: list[_Batch] = []
@@ -204,18 +214,24 @@ class Evaluator:
     def _scorer(self):
         """The per-batch scoring function, compiled once per evaluator when ``compile`` is set."""
         if self._compiled is None:
-            self._compiled = torch.compile(_score_batch) if self.compile else _score_batch
+            self._compiled = torch.compile(score_batch) if self.compile else score_batch
         return self._compiled
 
     @torch.inference_mode()
     def evaluate(
-        self, model: nn.Module, stop: int | None = None, resume: EvalResult | None = None
+        self,
+        model: nn.Module,
+        stop: int | None = None,
+        resume: EvalResult | None = None,
+        record_reference: bool = False,
     ) -> EvalResult:
         """Sum of NLL over the scored tokens of ``model`` (already on ``self.device``, weights in fp32).
 
         ``stop``: score only the first ``stop`` windows (a partial evaluation: a lower fidelity of the split, whose
         result holds those windows only); ``resume``: a partial result of the same model on the first windows, to be
-        extended to ``stop`` without scoring them again (racing: qsweep.search.racing)."""
+        extended to ``stop`` without scoring them again (racing: qsweep.search.racing). ``record_reference``: keep this
+        model's distribution (its hidden states and head) over the whole split as the reference every later evaluation's KL
+        divergence is measured against (the baseline's; qsweep.heads)."""
         n = len(self.windows)
         stop = n if stop is None else min(max(1, int(stop)), n)
         first = 0 if resume is None else len(resume.window_nll)
@@ -232,13 +248,30 @@ class Evaluator:
             self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=self.dtype != "fp32"
         )
         finite = resume is None or resume.ok
+        record = self.kld and record_reference and stop == len(self.windows) and first == 0
+        kld_on = bool(record) or (
+            self._reference is not None and (resume is None or resume.token_kld is not None)
+        )
+        recorded, klds, top1s = [], [], []
         for i, b in enumerate(self._batches):
             rows = b.inputs.shape[0]
             if not finite or b.first_window >= stop or b.first_window + rows <= first:
                 continue
             inputs, positions, targets, window_ids = _window_range(b, first, stop)
+            ref = None
+            if kld_on and not record:  # the reference's rows of the windows scored here (contiguous tokens)
+                lo = int(self.window_tokens[b.first_window : max(first, b.first_window)].sum())
+                ref = self._reference[i].rows(lo, lo + len(targets))
             with autocast:
-                nll = score(base, head, inputs, positions, targets, self.logits_chunk)  # [M] fp32
+                out = score(
+                    base, head, inputs, positions, targets, self.logits_chunk, record=record, reference=ref
+                )
+            nll = out[0] if kld_on else out  # [M] fp32
+            if record:
+                recorded.append(out[1])
+            elif kld_on:
+                klds.append(out[1].cpu())
+                top1s.append(out[2].cpu())
             window_nll.index_add_(0, window_ids, nll.double())
             # A failing plan (int2 everywhere, say) is usually non-finite from its first batch: stop early. Checked
             # only every 8 batches, since each check makes the host wait for the GPU.
@@ -258,7 +291,22 @@ class Evaluator:
             error = f"non-finite loss from window {int(bad[0])} of {len(self.windows)}"
         elif total / n_tokens > 700:  # exp() of more overflows a float64
             error = f"perplexity overflows (mean NLL {total / n_tokens:.1f})"
-        return EvalResult(total, n_tokens, window_nll, tokens, seconds, error, split_tokens=self.n_tokens)
+        token_kld = same_top1 = None
+        if record and error is None:
+            self._reference = recorded
+            token_kld, same_top1 = (
+                torch.zeros(n_tokens),
+                torch.ones(n_tokens, dtype=torch.bool),
+            )  # KL(p || p) = 0
+        elif kld_on and error is None:
+            token_kld, same_top1 = torch.cat(klds), torch.cat(top1s)
+            if resume is not None:
+                token_kld, same_top1 = (
+                    torch.cat([resume.token_kld, token_kld]),
+                    torch.cat([resume.same_top1, same_top1]),
+                )
+        return EvalResult(total, n_tokens, window_nll, tokens, seconds, error, split_tokens=self.n_tokens,
+                          token_kld=token_kld, same_top1=same_top1)  # fmt: skip
 
     def windows_within(self, share: float) -> int:
         """The most windows whose scored tokens are at most ``share`` of the split's (0 when even the first is
@@ -269,7 +317,8 @@ class Evaluator:
     def first_tokens(self, n: int) -> Evaluator:
         """The same protocol on the first ``n`` token ids only (a cheaper, noisier fidelity of this split)."""
         return Evaluator(self._ids[:n], self._context, self._stride, batch_size=self._batch_size, dtype=self.dtype,
-                         logits_chunk=self.logits_chunk, device=self.device, compile=self.compile)  # fmt: skip
+                         logits_chunk=self.logits_chunk, device=self.device, compile=self.compile,
+                         kld=self.kld)  # fmt: skip
 
     @property
     def n_windows(self) -> int:
@@ -306,9 +355,9 @@ class Evaluator:
         with torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=fast):
             head = model.get_output_embeddings()
             if not checkpoint:
-                return _score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk)
-            with _checkpointed_layers(model):
-                return _score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
+                return score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk)
+            with checkpointed_layers(model):
+                return score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
                                     checkpoint=True)  # fmt: skip
 
 
@@ -321,69 +370,3 @@ def _window_range(b: _Batch, first: int, stop: int):
     per_row = b.inputs.shape[1] - 1
     keep = (b.positions >= lo * per_row) & (b.positions < hi * per_row)
     return b.inputs[lo:hi], b.positions[keep] - lo * per_row, b.targets[keep], b.window_ids[keep]
-
-
-@contextlib.contextmanager
-def _checkpointed_layers(model: nn.Module):
-    """Activation checkpointing of every decoder layer (transformers' GradientCheckpointingLayer) for one forward,
-    without switching the model to training mode: only the layers' own ``training`` flag is set (their dropout
-    children stay in eval mode, so the values are unchanged)."""
-    from functools import partial
-
-    from torch.utils.checkpoint import checkpoint
-
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # transformers without it: no checkpointing, more memory
-        yield
-        return
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    saved = [(m.training, m.__dict__.get("gradient_checkpointing"), m.__dict__.get("_gradient_checkpointing_func"))
-             for m in layers]  # fmt: skip
-    try:
-        for m in layers:
-            m.training, m.gradient_checkpointing = True, True
-            m._gradient_checkpointing_func = partial(checkpoint, use_reentrant=False)
-        yield
-    finally:
-        for m, (training, flag, func) in zip(layers, saved, strict=True):
-            m.training = training
-            for key, value in (("gradient_checkpointing", flag), ("_gradient_checkpointing_func", func)):
-                if value is None:
-                    m.__dict__.pop(key, None)
-                else:
-                    setattr(m, key, value)
-
-
-def _score_batch(
-    base: nn.Module,
-    head: nn.Module,
-    inputs: torch.Tensor,
-    positions: torch.Tensor,
-    targets: torch.Tensor,
-    chunk: int,
-    checkpoint: bool = False,
-) -> torch.Tensor:
-    """NLL of each scored token of a batch of windows: ``inputs`` [B, T] -> [M] (fp32).
-
-    Only the hidden states of the M scored positions reach the lm_head, ``chunk`` rows at a time, so at most
-    [chunk, vocab] logits exist at once (under autograd too with ``checkpoint``: each chunk's logits are
-    recomputed in the backward pass instead of kept).
-    """
-    hidden = base(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, d]
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [M, d]
-    out = []
-    for k in range(0, hidden.shape[0], chunk):
-        if checkpoint:
-            from torch.utils.checkpoint import checkpoint as recompute
-
-            out.append(recompute(_chunk_nll, head, hidden[k : k + chunk], targets[k : k + chunk],
-                                 use_reentrant=False))  # fmt: skip
-        else:
-            out.append(_chunk_nll(head, hidden[k : k + chunk], targets[k : k + chunk]))
-    return torch.cat(out)
-
-
-def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()  # [chunk, vocab]
-    return F.cross_entropy(logits, targets, reduction="none")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qsweep.evaluate import EvalResult
+from qsweep.heads import kld_summary
 from qsweep.metrics import compression, degradation, fitness
 from qsweep.plan import Plan
 
@@ -29,8 +30,8 @@ SIZE_METRICS = ("packed", "seed")
 RECORD_FIELDS = (
     "split", "plan_digest", "perplexity", "baseline_perplexity", "degradation", "degradation_ci95_low",
     "degradation_ci95_high", "model_size_bytes", "packed_size_bytes", "baseline_size_bytes", "compression_seed",
-    "compression_packed", "fitness_seed", "fitness_packed", "bits_per_param", "eval_tokens", "eval_share",
-    "eval_seconds", "error",
+    "compression_packed", "fitness_seed", "fitness_packed", "bits_per_param", "ppl_ratio", "kld_mean", "kld_median",
+    "kld_p99", "kld_p999", "top1_agreement", "eval_tokens", "eval_share", "eval_seconds", "error",
 )  # fmt: skip
 
 
@@ -94,6 +95,9 @@ class PlanScore:
             "fitness_seed": self.fitness("seed"),
             "fitness_packed": self.fitness("packed"),
             "bits_per_param": self.bits_per_param,
+            # llama.cpp's quant comparison: perplexity ratio, KL(baseline || plan) per token, same top-1 (qsweep.heads)
+            "ppl_ratio": None if self.perplexity is None else self.perplexity / self.baseline_perplexity,
+            **kld_summary(self.result.token_kld, self.result.same_top1),
             "eval_tokens": self.result.n_tokens,
             "eval_share": self.result.share,  # < 1: a partial evaluation (racing), on the split's first windows
             "eval_seconds": self.result.seconds,

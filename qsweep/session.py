@@ -219,6 +219,7 @@ class EvalSession:
                 logits_chunk=e.get("logits_chunk"),
                 device=self.device,
                 compile=bool(e.get("compile", False)),
+                kld=bool(e.get("kld", True)),
             )
             ev = self._evaluators[split]
             if ev.n_tokens < MIN_SCORED_TOKENS:
@@ -243,13 +244,19 @@ class EvalSession:
         return plan_from_config(_plain(plan_cfg), self.table)
 
     def evaluate(
-        self, plan: Plan, split: str, stop: int | None = None, resume: EvalResult | None = None
+        self,
+        plan: Plan,
+        split: str,
+        stop: int | None = None,
+        resume: EvalResult | None = None,
+        record_reference: bool = False,
     ) -> EvalResult:
-        """``plan``'s evaluation on ``split`` (its first ``stop`` windows, extending ``resume``: see
-        :meth:`qsweep.evaluate.Evaluator.evaluate`)."""
+        """``plan``'s evaluation on ``split`` (its first ``stop`` windows, extending ``resume``, or recording its
+        distribution as the split's KL reference: see :meth:`qsweep.evaluate.Evaluator.evaluate`)."""
         with self.out_of_memory_is_an_error(f"an evaluation on split {split!r}"):
             self.applier.apply_(plan)
-            return self.evaluator(split).evaluate(self.model, stop=stop, resume=resume)
+            return self.evaluator(split).evaluate(self.model, stop=stop, resume=resume,
+                                                  record_reference=record_reference)  # fmt: skip
 
     @contextlib.contextmanager
     def out_of_memory_is_an_error(self, during: str):
@@ -272,8 +279,9 @@ class EvalSession:
                 release_host_memory()
 
     def baseline(self, split: str) -> EvalResult:
+        """The baseline plan on ``split``, evaluated once; its distribution becomes the split's KL reference."""
         if split not in self._baseline:
-            self._baseline[split] = self.evaluate(self.baseline_plan, split)
+            self._baseline[split] = self.evaluate(self.baseline_plan, split, record_reference=True)
             if not self._baseline[split].ok:
                 raise RuntimeError(
                     f"the baseline plan fails to evaluate on {split!r}: {self._baseline[split].error}"

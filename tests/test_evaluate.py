@@ -158,3 +158,65 @@ def test_a_partial_evaluation_is_the_full_ones_first_windows_and_resumes_without
     assert ev.window_tokens[:k].sum() <= 0.5 * full.n_tokens < ev.window_tokens[: k + 1].sum()
     with pytest.raises(ValueError, match="cannot resume"):
         ev.evaluate(model, stop=2, resume=part)
+
+
+def _exact_kld(base, plan_model, ev: Evaluator):
+    """KL(base || plan) and same top-1, per scored token in the evaluator's order, from full distributions."""
+    klds, same = [], []
+    with torch.inference_mode():
+        for w in ev.windows:
+            ids = ev._ids[w.begin : w.end][None]
+            lp, lq = (
+                torch.log_softmax(m(ids).logits[0, :-1].float(), -1)[-w.n_scored :]
+                for m in (base, plan_model)
+            )
+            klds.append((lp.exp() * (lp - lq)).sum(-1))
+            same.append(lp.argmax(-1) == lq.argmax(-1))
+    return torch.cat(klds), torch.cat(same)
+
+
+@pytest.mark.parametrize("plan_name", ["q8_0", "q4_0", "int3_g128"])
+def test_kl_divergence_is_the_exact_one_of_full_distributions(plan_name):
+    """The bundled model (vocabulary 8,192), 2,048 tokens of its corpus: per-token KL(baseline || plan) and top-1
+    agreement equal those of the two models' full distributions (computed here one window at a time); the baseline
+    against itself is 0; the NLL is unchanged by computing them."""
+    import copy
+    from pydoc_data.topics import topics
+
+    from conftest import ROOT
+
+    from qsweep.model import load_model, load_tokenizer
+
+    cfg = model_cfg("gpt2", path=str(ROOT / "qsweep" / "assets" / "tiny"))
+    base = load_model(cfg)
+    table = unit_table(base, cfg)
+    text = "\n\n".join(topics[k] for k in sorted(topics)[:30])
+    ids = torch.tensor(load_tokenizer(cfg)(text)["input_ids"][:2048])
+    ev = Evaluator(ids, 256, 256, device="cpu", kld=True)
+    ref = ev.evaluate(base, record_reference=True)
+    assert torch.equal(ref.token_kld, torch.zeros(ref.n_tokens)) and bool(ref.same_top1.all())
+    plan_model = apply_plan_(copy.deepcopy(base), Plan.uniform(table, plan_name), table)
+    got = ev.evaluate(plan_model)
+    exact, same = _exact_kld(base, plan_model, ev)
+    assert got.token_kld.shape == exact.shape == (ref.n_tokens,)
+    assert got.token_kld.tolist() == pytest.approx(exact.tolist(), rel=1e-3, abs=1e-6)
+    assert torch.equal(got.same_top1, same)
+    plain = Evaluator(ids, 256, 256, device="cpu", kld=False).evaluate(plan_model)
+    assert plain.token_kld is None and torch.equal(plain.window_nll, got.window_nll)
+
+
+def test_kl_divergence_of_a_partial_evaluation_is_the_full_ones_first_tokens():
+    """Racing's partial evaluations and resumes carry the per-token KL of exactly the windows they scored."""
+    model = tiny_model("gpt2")
+    other = tiny_model("gpt2", seed=1)
+    ids = torch.randint(0, 101, (400,), generator=torch.Generator().manual_seed(1))
+    ev = Evaluator(ids, 32, 24, batch_size=3, logits_chunk=37, device="cpu", kld=True)
+    ev.evaluate(model, record_reference=True)
+    full = ev.evaluate(other)
+    part = ev.evaluate(other, stop=4)
+    assert part.token_kld.tolist() == pytest.approx(
+        full.token_kld[: part.n_tokens].tolist(), rel=1e-5, abs=1e-7
+    )
+    rest = ev.evaluate(other, resume=ev.evaluate(other, stop=5))
+    assert rest.token_kld.tolist() == pytest.approx(full.token_kld.tolist(), rel=1e-5, abs=1e-7)
+    assert torch.equal(rest.same_top1, full.same_top1) and len(full.token_kld) == full.n_tokens

@@ -19,7 +19,7 @@ MODULES = {
     for p in sorted(PKG.rglob("*.py"))
 }
 # Modules below the search flow: they import nothing above them (README "How a search is built").
-CORE = {"formats", "kquants", "rules", "units", "plan", "families", "size", "apply", "prefix", "model", "data", "corpus", "device",
+CORE = {"formats", "kquants", "heads", "rules", "units", "plan", "families", "size", "apply", "prefix", "model", "data", "corpus", "device",
         "evaluate", "metrics", "score", "config", "paths", "errors", "interrupts", "memory"}  # fmt: skip
 
 
