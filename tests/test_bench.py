@@ -217,3 +217,24 @@ def test_the_reference_held_out_line_scores_the_references_best_validation_plans
     )  # fitness at the interval's ends
     assert out["top_test_median"] == pytest.approx(statistics.median(Score(p.plan).value for p in top))
     assert out["top_test_max"] == max(Score(p.plan).value for p in top)
+
+
+@pytest.mark.extras  # gguf-py and llama-cpp-python, below
+def test_bench_kld_puts_llama_cpps_kl_beside_qsweeps(capsys):
+    """README "Export": ``python -m qsweep.bench.kld``, one plan on 1,024 tokens: llama.cpp's KL from the GGUF files'
+    logits agrees with qsweep's simulated one (q4_0: the weights' error dominates llama.cpp's 8-bit activations)."""
+    from qsweep.export.runtime import llama_cpp_missing
+
+    if llama_cpp_missing():
+        pytest.skip(llama_cpp_missing())
+    pytest.importorskip("gguf", reason="needs gguf-py (the export extra)")
+    from qsweep.bench.kld import main
+
+    assert main(["--plans", "q4_0", "--threads", "1", "eval.max_tokens=1024"]) == 0
+    _, rows = table_rows(capsys.readouterr().out, "| plan |")
+    assert [r[0] for r in rows] == ["q4_0"]
+    (ratio, ratio_rt), (ours, theirs), _, (top1, top1_rt) = (
+        [float(x.strip().rstrip("%")) for x in r.split("/")] for r in rows[0][2:]
+    )
+    assert ratio > 1 and abs(ratio - ratio_rt) < 2e-3
+    assert ours > 0 and abs(theirs / ours - 1) < 0.1 and abs(top1 - top1_rt) < 2

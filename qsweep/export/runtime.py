@@ -58,12 +58,15 @@ def gguf_perplexity(
     *,
     threads: int | None = None,
     kv_f32: bool = True,
+    reference: str | Path | None = None,
 ) -> EvalResult:
     """Perplexity of the GGUF file ``path`` under llama.cpp on ``ids`` ``[N]`` with qsweep's sliding windows.
 
     llama.cpp runs in a child process (:mod:`qsweep.export.llama_child`): a crash of the native library raises
     :class:`RuntimeCheckFailed` with one line, and the caller (an export, a test run) goes on. ``kv_f32`` keeps
-    the KV cache in F32 (llama.cpp's default is F16)."""
+    the KV cache in F32 (llama.cpp's default is F16). ``reference``: another GGUF file (the baseline's); the result
+    then also holds llama.cpp's per-token KL(reference || this) and top-1 agreement (``token_kld``, ``same_top1``),
+    computed from the two models' logits as ``llama-perplexity --kl-divergence`` does."""
     missing = llama_cpp_missing()
     if missing:
         raise ExportError(missing)
@@ -76,13 +79,17 @@ def gguf_perplexity(
         "context": int(context),
         "threads": threads,
         "kv_f32": bool(kv_f32),
+        "reference": None if reference is None else str(Path(reference).resolve()),
     }
     out = _run_child(request, threads)
     window_nll = torch.tensor(out["window_nll"], dtype=torch.float64)
     tokens = torch.tensor([w.n_scored for w in windows], dtype=torch.int64)
     total = float(window_nll.sum())
     error = None if math.isfinite(total) else "non-finite loss under llama.cpp"
-    return EvalResult(total, int(tokens.sum()), window_nll, tokens, float(out["seconds"]), error)
+    kld = None if "token_kld" not in out else torch.tensor(out["token_kld"], dtype=torch.float32)
+    same = None if "same_top1" not in out else torch.tensor(out["same_top1"], dtype=torch.bool)
+    return EvalResult(total, int(tokens.sum()), window_nll, tokens, float(out["seconds"]), error,
+                      token_kld=kld, same_top1=same)  # fmt: skip
 
 
 def _run_child(request: dict, threads: int) -> dict:
