@@ -179,6 +179,7 @@ class Evaluator:
         self._batches = self._make_batches(ids.to(self.device), batch_size)
         self._compiled = None
         self.kld = kld
+        self.shared_heads: list = []  # copies of a baseline head (head_copy); a session shares one list
         self._reference: list[Reference] | None = (
             None  # per batch: the baseline's hidden states (record_reference)
         )
@@ -248,8 +249,10 @@ class Evaluator:
             self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=self.dtype != "fp32"
         )
         finite = resume is None or resume.ok
-        record = self.kld and record_reference and stop == len(self.windows) and first == 0
-        kld_on = bool(record) or (
+        record = None
+        if self.kld and record_reference and stop == len(self.windows) and first == 0:
+            record = self.head_copy(head)
+        kld_on = record is not None or (
             self._reference is not None and (resume is None or resume.token_kld is not None)
         )
         recorded, klds, top1s = [], [], []
@@ -267,7 +270,7 @@ class Evaluator:
                     base, head, inputs, positions, targets, self.logits_chunk, record=record, reference=ref
                 )
             nll = out[0] if kld_on else out  # [M] fp32
-            if record:
+            if record is not None:
                 recorded.append(out[1])
             elif kld_on:
                 klds.append(out[1].cpu())
@@ -292,7 +295,7 @@ class Evaluator:
         elif total / n_tokens > 700:  # exp() of more overflows a float64
             error = f"perplexity overflows (mean NLL {total / n_tokens:.1f})"
         token_kld = same_top1 = None
-        if record and error is None:
+        if record is not None and error is None:
             self._reference = recorded
             token_kld, same_top1 = (
                 torch.zeros(n_tokens),
@@ -307,6 +310,17 @@ class Evaluator:
                 )
         return EvalResult(total, n_tokens, window_nll, tokens, seconds, error, split_tokens=self.n_tokens,
                           token_kld=token_kld, same_top1=same_top1)  # fmt: skip
+
+    def head_copy(self, head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A copy of ``head``'s weight and bias (the baseline's, for the KL reference), shared with the evaluators
+        ``shared_heads`` links (a session's splits: one copy, not one per split) when their copy is equal."""
+        bias = getattr(head, "bias", None)
+        for w, b in self.shared_heads:
+            if w.shape == head.weight.shape and torch.equal(w, head.weight) and (b is None) == (bias is None):
+                return w, b
+        copy = (head.weight.detach().clone(), None if bias is None else bias.detach().clone())
+        self.shared_heads.append(copy)
+        return copy
 
     def windows_within(self, share: float) -> int:
         """The most windows whose scored tokens are at most ``share`` of the split's (0 when even the first is

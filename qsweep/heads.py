@@ -81,24 +81,24 @@ def score_batch(
     targets: torch.Tensor,
     chunk: int,
     checkpoint: bool = False,
-    record: bool = False,
+    record: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     reference: Reference | None = None,
 ):
     """NLL of each scored token of a batch of windows: ``inputs`` [B, T] -> [M] (fp32).
 
     Only the hidden states of the M scored positions reach the lm_head, ``chunk`` rows at a time, so at most
     [chunk, vocab] logits exist at once (under autograd too with ``checkpoint``: each chunk's logits are
-    recomputed in the backward pass instead of kept). ``record``: also the batch's :class:`Reference`, returned as
-    ``(nll, reference)``; ``reference``: also per-token KL(reference || model) and top-1 agreement, returned as
+    recomputed in the backward pass instead of kept). ``record``: a copy of the baseline's head ``(weight, bias)``;
+    also the batch's :class:`Reference` (its hidden states and that copy), returned as ``(nll, reference)``; ``reference``: also per-token KL(reference || model) and top-1 agreement, returned as
     ``(nll, kld [M] fp32, same_top1 [M] bool)``.
     """
     hidden = base(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, d]
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [M, d]
     out = []
-    if record:  # the baseline's own pass: its hidden states and head are the reference; its NLL as always
-        head_w = head.weight.detach().clone()
-        bias = None if getattr(head, "bias", None) is None else head.bias.detach().clone()
-        ref = Reference(hidden.detach().clone(), head_w, bias)
+    if (
+        record is not None
+    ):  # the baseline's own pass: its hidden states (and the head copy given) are the reference
+        ref = Reference(hidden.detach().clone(), *record)
     out = []
     for k in range(0, hidden.shape[0], chunk):
         h, t = hidden[k : k + chunk], targets[k : k + chunk]
@@ -110,7 +110,7 @@ def score_batch(
             out.append(_chunk_kld(head, h, t, reference.rows(k, k + chunk)))
         else:
             out.append(_chunk_nll(head, h, t))
-    if record:
+    if record is not None:
         return torch.cat(out), ref
     if reference is None or checkpoint:
         return torch.cat(out)
@@ -123,15 +123,19 @@ def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> 
 
 
 def _chunk_kld(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, reference: Reference) -> tuple:
-    """One chunk's NLL (the same values as :func:`_chunk_nll`), its exact KL(baseline || model) per token and
-    whether its top-1 token is the baseline's."""
-    logits = head(hidden).float()
-    nll = F.cross_entropy(logits, targets, reduction="none")
-    logq = F.log_softmax(logits, dim=-1)
-    base = reference.logits()
-    logp = F.log_softmax(base, dim=-1)
-    kld = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)  # rounding can leave -1e-9 where the two agree
-    return nll, kld, logits.argmax(-1) == base.argmax(-1)
+    """One chunk's NLL (the values :func:`_chunk_nll` gives: cross-entropy is this log-softmax's negated target
+    entry), its exact KL(baseline || model) per token and whether its top-1 token is the baseline's. Three
+    ``[chunk, vocab]`` buffers at most, reused in place."""
+    logq = F.log_softmax(head(hidden).float(), dim=-1)
+    nll = -logq.gather(1, targets[:, None]).squeeze(1)
+    logp = reference.logits()
+    same = logq.argmax(-1) == logp.argmax(-1)
+    logp = F.log_softmax(logp, dim=-1)
+    diff = logq.neg_().add_(logp)  # log p - log q, in logq's buffer
+    kld = torch.einsum("ij,ij->i", logp.exp_(), diff).clamp_min(
+        0
+    )  # rounding leaves -1e-9 where the two agree
+    return nll, kld, same
 
 
 def kld_summary(token_kld: torch.Tensor | None, same_top1: torch.Tensor | None) -> dict:

@@ -140,6 +140,7 @@ class EvalSession:
         self._started = started
         self._evaluators: dict[str, Evaluator] = {}
         self._baseline: dict[str, EvalResult] = {}
+        self._kld_heads: list = []  # the baseline head copy the splits' KL references share (Evaluator.head_copy)
         bcfg = _plain(cfg.get("baseline") or {})
         self.baseline_plan = resolve_for_model(
             named_plan_spec(bcfg.get("plan", "fp16")), self.table, f"baseline.plan={bcfg.get('plan', 'fp16')}"
@@ -222,6 +223,9 @@ class EvalSession:
                 kld=bool(e.get("kld", True)),
             )
             ev = self._evaluators[split]
+            ev.shared_heads = (
+                self._kld_heads
+            )  # every split's KL reference shares one copy of the baseline's head
             if ev.n_tokens < MIN_SCORED_TOKENS:
                 del self._evaluators[split]
                 raise ConfigError(

@@ -242,11 +242,11 @@ def test_out_of_memory_during_a_study_is_one_line_and_the_study_resumes(tmp_path
                          "eval.max_tokens=600", "eval.context=128", tmp_path=tmp_path)  # fmt: skip
     real, calls = Evaluator.evaluate, {"n": 0}
 
-    def failing(self, model, stop=None, resume=None):
+    def failing(self, model, stop=None, resume=None, record_reference=False):
         calls["n"] += 1
         if calls["n"] == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, model, stop, resume)
+        return real(self, model, stop, resume, record_reference)
 
     monkeypatch.setattr(Evaluator, "evaluate", failing)
     with pytest.raises(ResourceError) as err:

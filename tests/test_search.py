@@ -230,9 +230,9 @@ def test_duplicate_plans_are_not_evaluated_twice(tmp_path, monkeypatch):
     calls = []
     real = EvalSession.evaluate
 
-    def spy(self, plan, split, stop=None, resume=None):
+    def spy(self, plan, split, stop=None, resume=None, record_reference=False):
         calls.append((plan.digest(), split))
-        return real(self, plan, split, stop, resume)
+        return real(self, plan, split, stop, resume, record_reference)
 
     monkeypatch.setattr(EvalSession, "evaluate", spy)
     from qsweep.search.study import MAX_FREE_TRIALS
