@@ -175,7 +175,10 @@ def _exact_kld(base, plan_model, ev: Evaluator):
     return torch.cat(klds), torch.cat(same)
 
 
-@pytest.mark.parametrize("plan_name", ["q8_0", "q4_0", "int3_g128"])
+@pytest.mark.parametrize(
+    "plan_name",
+    [pytest.param("q8_0", marks=pytest.mark.slow), "q4_0", pytest.param("int3_g128", marks=pytest.mark.slow)],
+)
 def test_kl_divergence_is_the_exact_one_of_full_distributions(plan_name):
     """The bundled model (vocabulary 8,192), 2,048 tokens of its corpus: per-token KL(baseline || plan) and top-1
     agreement equal those of the two models' full distributions (computed here one window at a time); the baseline

@@ -49,7 +49,7 @@ def _plans(table) -> dict[str, Plan]:
 @pytest.mark.parametrize(
     ("cache_mb", "keys"),
     [
-        (512, [*BEFORE, "int4_g128/validation"]),
+        pytest.param(512, [*BEFORE, "int4_g128/validation"], marks=pytest.mark.slow),  # 18 s
         (0, ["mixed/validation", "int3_g32/test", "mixed/validation"]),
     ],
 )

@@ -196,7 +196,7 @@ def test_max_degradation_is_a_constraint_on_trials_and_candidates(tmp_path):
     "search",
     [
         pytest.param("random", marks=pytest.mark.slow),
-        "tpe",
+        pytest.param("tpe", marks=pytest.mark.slow),  # 29 s: the fast suite keeps under 5 minutes on 2 cores
         pytest.param("nsga2", marks=pytest.mark.slow),
         pytest.param("gp", marks=pytest.mark.slow),
     ],
