@@ -180,9 +180,8 @@ class Evaluator:
         self._compiled = None
         self.kld = kld
         self.shared_heads: list = []  # copies of a baseline head (head_copy); a session shares one list
-        self._reference: list[Reference] | None = (
-            None  # per batch: the baseline's hidden states (record_reference)
-        )
+        # per batch: the baseline's hidden states and head (record_reference)
+        self._reference: list[Reference] | None = None
 
     def _make_batches(self, ids: torch.Tensor, batch_size: int) -> list[_Batch]:
         batches: list[_Batch] = []
@@ -297,10 +296,8 @@ class Evaluator:
         token_kld = same_top1 = None
         if record is not None and error is None:
             self._reference = recorded
-            token_kld, same_top1 = (
-                torch.zeros(n_tokens),
-                torch.ones(n_tokens, dtype=torch.bool),
-            )  # KL(p || p) = 0
+            # the baseline against itself: KL(p || p) = 0, the same top-1 everywhere
+            token_kld, same_top1 = torch.zeros(n_tokens), torch.ones(n_tokens, dtype=torch.bool)
         elif kld_on and error is None:
             token_kld, same_top1 = torch.cat(klds), torch.cat(top1s)
             if resume is not None:
