@@ -32,19 +32,18 @@ from qsweep.errors import ConfigError, first_line
 from qsweep.memory import ResourceError
 from qsweep.report import candidate_entry, write_reports
 from qsweep.report_page import write_page
-from qsweep.score import PlanScore, size_key
+from qsweep.score import Degradation, PlanScore, size_key
 from qsweep.search.config import search_config
 from qsweep.search.objective import Objective
 from qsweep.search.phases import build_study, expired, interactions, stored_or_new_sensitivity, trial_budget
 from qsweep.search.select import (
-    Candidate,
     Verified,
+    best_vs_uniform,
     candidates,
     choose,
     evaluated_trials,
-    paired_fitness_difference,
     rank,
-    selection_score,
+    selection_summary,
     verify,
 )
 from qsweep.search.sensitivity import proxy_cost_evals
@@ -93,22 +92,6 @@ def evaluate_one(cfg: DictConfig, out_dir: Path) -> dict:
     else:
         log.error("evaluation failed: %s", score.result.error)
     return row
-
-
-def _selection(best, search_best, rule: str, size_metric: str, penalty: float) -> dict | None:
-    """results.json's ``selection``: the rule, the chosen plan and the search split's best point estimate, each
-    with its search-split selection score and fitness and its report-split fitness (the held-out check)."""
-    if best is None:
-        return None
-
-    def side(v) -> dict:
-        return {"trial": v.candidate.trial, "enqueued_as": v.candidate.label, "plan_digest": v.candidate.plan.digest(),
-                "search_score": selection_score(v.candidate.search, size_metric, penalty, rule),
-                "search_fitness": v.candidate.search[f"fitness_{size_metric}"],
-                "report_fitness": v.report.fitness(size_metric)}  # fmt: skip
-
-    return {"rule": rule, "chosen": side(best), "search_best": side(search_best),
-            "same_plan": best.candidate.plan.digest() == search_best.candidate.plan.digest()}  # fmt: skip
 
 
 _STUDY_OVERRIDES = (
@@ -162,26 +145,6 @@ def candidate_entry_of(v: Verified) -> dict:
     return candidate_entry(c.trial, c.label, c.plan, c.search, v.report.record())
 
 
-def _best_vs_uniform(best: Verified | None, trials, session: EvalSession, score, metric: str) -> dict | None:
-    """The best plan against the best uniform plan (by search-split fitness), paired on the report split."""
-    fit = f"fitness_{metric}"
-    uniform = [
-        t for t in evaluated_trials(trials) if t.user_attrs.get("enqueued_as", "").startswith("uniform:")
-    ]
-    if best is None or not uniform or session.pinned_perplexity is not None or not best.report.result.ok:
-        return None
-    ref = max(uniform, key=lambda t: t.user_attrs[fit])
-    label = ref.user_attrs["enqueued_as"]
-    if ref.user_attrs["plan_digest"] == best.candidate.search["plan_digest"]:
-        return {"uniform": label, "best_is_uniform": True, "difference": 0.0, "ci95": [0.0, 0.0]}
-    ref_score: PlanScore = score(Candidate.of(ref).plan)
-    diff, lo, hi = paired_fitness_difference(
-        best.report, ref_score, session.baseline(ref_score.split), metric
-    )
-    return {"uniform": label, "best_is_uniform": False, f"uniform_report_{fit}": ref_score.fitness(metric),
-            f"best_report_{fit}": best.report.fitness(metric), "difference": diff, "ci95": [lo, hi]}  # fmt: skip
-
-
 def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> None:
     """A new proxy table that would spend all of ``search.n_trials`` is refused before it is computed (its cost
     is counted by work: qsweep.search.sensitivity.proxy_cost_evals; at least this much, without checkpointing).
@@ -191,7 +154,7 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
         return
     ev = session.evaluator(split)
     tokens = min(search.sensitivity_tokens or ev.n_tokens, ev.n_tokens)
-    cost = proxy_cost_evals(tokens, ev.n_tokens, "rademacher", False)
+    cost = proxy_cost_evals(tokens, ev.n_tokens, "rademacher", False, search.degradation)
     if trial_budget(search.n_trials, cost) < 1:
         raise ConfigError(f"search.n_trials={search.n_trials} leaves no trial after the proxy sensitivity table "
                           f"(about {cost:.1f} evaluations for search.sensitivity_tokens={search.sensitivity_tokens}"
@@ -202,6 +165,12 @@ def _check_the_budget_pays_for_the_table(study, session, search, split: str) -> 
 def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     """Run (or resume) the study of ``cfg.search``, verify its candidates, write its reports; return the summary."""
     search = search_config(cfg.search)  # every setting checked before anything is loaded or stored
+    deg = Degradation(search.degradation)
+    if deg.kld and not cfg.eval.get("kld", True):
+        raise ConfigError("search.degradation=kld needs the baseline's distribution: use eval.kld=true")
+    if deg.kld and cfg.baseline.perplexity is not None:
+        raise ConfigError(f"search.degradation=kld needs the baseline evaluated (its distribution is the KL "
+                          f"reference): unset baseline.perplexity={cfg.baseline.perplexity}")  # fmt: skip
     # search.timeout_s bounds every phase: the table (started only with time left), the trials, the re-scoring
     deadline = None if search.timeout_s is None else time.monotonic() + search.timeout_s
     session = EvalSession(cfg)
@@ -251,6 +220,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                     search.sensitivity,
                     cfg.eval.search_split,
                     search.sensitivity_tokens,
+                    search.degradation,
                 )
                 spent_on_table = table.cost_evals
                 table.save(out_dir / "sensitivity.json")
@@ -273,7 +243,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
 
     trials = study.get_trials(deepcopy=False)
     chosen = candidates(trials, kind=search.objective, size_metric=search.size_metric, top_k=search.top_k,
-                        max_degradation=search.max_degradation)  # fmt: skip
+                        max_degradation=search.max_degradation, degradation=deg)  # fmt: skip
     report_split = cfg.eval.report_split
     log.info("re-scoring %d candidate plans on the report split %r", len(chosen), report_split)
     scored: dict[str, PlanScore] = {}  # report-split scores by plan digest: each plan is evaluated once
@@ -281,17 +251,17 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     def score_report(plan):
         if plan.digest() not in scored:
             scored[plan.digest()] = score = session.score(plan, report_split)
-            value = score.fitness(search.size_metric)
-            log.info("report split %r: plan %d (%s): perplexity %.4g, fitness_%s %.4f, %.1f s",
+            value = deg.fitness_of(score, search.size_metric)
+            log.info("report split %r: plan %d (%s): perplexity %.4g, %s %.4f, %.1f s",
                      report_split, len(scored), plan.digest(),
-                     score.result.perplexity or float("nan"), search.size_metric,
+                     score.result.perplexity or float("nan"), deg.fitness_key(search.size_metric),
                      float("nan") if value is None else value, score.result.seconds)  # fmt: skip
         return scored[plan.digest()]
 
     # the reported plan and the search split's best are chosen on the search split: re-scored first, the other
     # candidates while search.timeout_s leaves time
     first = {c.trial for rule in (search.select, "fitness")
-             for c in rank(chosen, rule, search.size_metric, session.penalty)[:1]}  # fmt: skip
+             for c in rank(chosen, rule, search.size_metric, session.penalty, deg)[:1]}  # fmt: skip
     verified = verify([c for c in chosen if c.trial in first], score_report)
     rest = [c for c in chosen if c.trial not in first]
     for k, c in enumerate(rest):
@@ -301,9 +271,9 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             break
         verified += verify([c], score_report)
     verified.sort(key=lambda v: chosen.index(v.candidate))
-    fit = f"fitness_{search.size_metric}"
-    best = choose(verified, search.select, search.size_metric, session.penalty)
-    search_best = choose(verified, "fitness", search.size_metric, session.penalty)
+    fit = deg.fitness_key(search.size_metric)
+    best = choose(verified, search.select, search.size_metric, session.penalty, deg)
+    search_best = choose(verified, "fitness", search.size_metric, session.penalty, deg)
     entries = [candidate_entry_of(v) for v in verified]
     summary = {
         "study_name": name,
@@ -332,15 +302,20 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
         "search_split": cfg.eval.search_split,
         "report_split": report_split,
         "size_metric": search.size_metric,
+        "degradation": search.degradation,
         "fitness": fit,
         "baseline_size_bytes": session.baseline_size_bytes,
         "baseline_perplexity": {
             s: session.baseline_perplexity(s) for s in (cfg.eval.search_split, report_split)
         },
         "best": None if best is None else candidate_entry_of(best),
-        "selection": _selection(best, search_best, search.select, search.size_metric, session.penalty),
+        "selection": selection_summary(
+            best, search_best, search.select, search.size_metric, session.penalty, deg
+        ),
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
-        "best_vs_uniform": _best_vs_uniform(best, trials, session, score_report, search.size_metric),
+        "best_vs_uniform": None
+        if session.pinned_perplexity is not None
+        else best_vs_uniform(best, trials, session.baseline, score_report, search.size_metric, deg),
         "n_trials": search.n_trials,
         "command": reproduce_command(_task_overrides()),
         "resume_command": resume_command(_task_overrides(), url, name),
@@ -351,7 +326,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     ]
     write_reports(out_dir, summary=summary, entries=entries, best_plan=None if best is None else best.candidate.plan,
                   points=points, size_key=size_key(search.size_metric), title=name,
-                  interactions=interactions(trials, table))  # fmt: skip
+                  interactions=interactions(trials, table, deg))  # fmt: skip
     results = {**summary, "candidates": entries}
     try:  # the study holds its results: python -m qsweep.report --storage URL --study NAME rebuilds the page from it
         study.set_user_attr("results", results)
@@ -363,7 +338,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     _write_page(out_dir, results, study, search, session)
     if best is not None:
         r = best.report
-        rf = r.fitness(search.size_metric)
+        rf = deg.fitness_of(r, search.size_metric)
         log.info("best plan on %r (%s %.4f): on %r perplexity %s, %.3fx, %s %s; wrote %s", cfg.eval.search_split,
                  fit, best.candidate.search[fit], report_split,
                  "failed" if r.perplexity is None else f"{r.perplexity:.4f}", r.compression(search.size_metric),

@@ -105,6 +105,17 @@ class EvalResult:
         return self.error is None
 
     @property
+    def window_kld(self) -> torch.Tensor | None:
+        """``[n_windows]`` float64: the per-token KL summed per window (tokens are in window order), or None
+        without a reference."""
+        if self.token_kld is None or len(self.token_kld) != int(self.window_tokens.sum()):
+            return None
+        ids = torch.repeat_interleave(torch.arange(len(self.window_tokens)), self.window_tokens.cpu())
+        return torch.zeros(len(self.window_tokens), dtype=torch.float64).index_add_(
+            0, ids, self.token_kld.double()
+        )
+
+    @property
     def perplexity(self) -> float | None:
         if not self.ok:
             return None
@@ -350,12 +361,12 @@ class Evaluator:
         step = max(1, max_tokens // t)
         return [(r, min(r + step, b)) for r in range(0, b, step)]
 
-    def batch_nll(
-        self, model: nn.Module, i: int, rows: tuple[int, int] | None = None, *, checkpoint: bool = False
-    ) -> torch.Tensor:
+    def batch_nll(self, model: nn.Module, i: int, rows: tuple[int, int] | None = None, *, checkpoint: bool = False,
+                  sample_seed: int | None = None) -> torch.Tensor:  # fmt: skip
         """NLL ``[M]`` of batch ``i``'s scored tokens (of its windows ``rows``, all by default), eager and outside
         inference mode (autograd can follow it). ``checkpoint`` recomputes each decoder layer and each chunk of
-        logits in the backward pass instead of keeping their activations (same values, far less memory)."""
+        logits in the backward pass instead of keeping their activations (same values, far less memory).
+        ``sample_seed``: of labels drawn from the model's own distribution instead (qsweep.heads.score_batch)."""
         b = self._batches[i]
         inputs, positions, targets = b.inputs, b.positions, b.targets
         if rows is not None:  # the same restriction as a partial evaluation's, by window index
@@ -366,10 +377,11 @@ class Evaluator:
         with torch.autocast(self.device.type, dtype=COMPUTE_DTYPES[self.dtype], enabled=fast):
             head = model.get_output_embeddings()
             if not checkpoint:
-                return score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk)
+                return score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
+                                   sample_seed=sample_seed)  # fmt: skip
             with checkpointed_layers(model):
                 return score_batch(model.base_model, head, inputs, positions, targets, self.logits_chunk,
-                                    checkpoint=True)  # fmt: skip
+                                   checkpoint=True, sample_seed=sample_seed)  # fmt: skip
 
 
 def _window_range(b: _Batch, first: int, stop: int):

@@ -11,6 +11,11 @@ plans q8_0, q4_0, int3_g128), falls 22% short of the exact mean at k = 32, 10% a
 scored token's final hidden state (``d`` values, in the head's dtype: 512 bytes a token on the bundled model, 8 KiB
 on a 4,096-wide one) and a copy of the baseline's lm_head; a plan's evaluation recomputes the baseline's logits
 chunk by chunk beside its own (one more head matmul per chunk) and takes the exact KL.
+
+Floor: the KL is taken from two float32 log-softmaxes, whose log-sum-exp terms are each rounded by about 2e-7, so a
+token's KL below about 1e-7 nats is rounding (kept >= 0 by the clamp): on a tiny random GPT-2 (tests), an INT8
+per-channel attention unit measures 8e-8 per token where its second-order value is 6e-10. Quantized plans worth
+comparing sit far above it (q8_0 on the bundled model: 1.2e-4).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Reference", "checkpointed_layers", "kld_summary", "score_batch"]
+__all__ = ["Reference", "checkpointed_layers", "kld_summary", "mean_kld", "score_batch"]
 
 
 @contextlib.contextmanager
@@ -83,8 +88,14 @@ def score_batch(
     checkpoint: bool = False,
     record: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     reference: Reference | None = None,
+    sample_seed: int | None = None,
 ):
     """NLL of each scored token of a batch of windows: ``inputs`` [B, T] -> [M] (fp32).
+
+    ``sample_seed``: the NLL of labels drawn from the model's own distribution instead of ``targets`` (each chunk's
+    from a generator seeded ``sample_seed + first row``, so a recomputed chunk draws the same labels): the gradients
+    whose squares estimate the model's Fisher information, the curvature of KL(model || perturbed model)
+    (qsweep.search.sensitivity's KL proxy).
 
     Only the hidden states of the M scored positions reach the lm_head, ``chunk`` rows at a time, so at most
     [chunk, vocab] logits exist at once (under autograd too with ``checkpoint``: each chunk's logits are
@@ -94,14 +105,14 @@ def score_batch(
     """
     hidden = base(input_ids=inputs, use_cache=False).last_hidden_state  # [B, T, d]
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, positions)  # [M, d]
-    out = []
-    if (
-        record is not None
-    ):  # the baseline's own pass: its hidden states (and the head copy given) are the reference
+    if record is not None:
+        # the baseline's own pass: its hidden states (and the head copy given) are the reference
         ref = Reference(hidden.detach().clone(), *record)
     out = []
     for k in range(0, hidden.shape[0], chunk):
         h, t = hidden[k : k + chunk], targets[k : k + chunk]
+        if sample_seed is not None:
+            t = sample_seed + k
         if checkpoint:
             from torch.utils.checkpoint import checkpoint as recompute
 
@@ -117,8 +128,13 @@ def score_batch(
     return tuple(torch.cat(p) for p in zip(*out, strict=True))
 
 
-def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_nll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor | int) -> torch.Tensor:
+    """The chunk's NLL of ``targets``, or (an int) of labels drawn from its own softmax with that seed."""
     logits = head(hidden).float()  # [chunk, vocab]
+    if isinstance(targets, int):
+        with torch.no_grad():
+            gen = torch.Generator(device=logits.device).manual_seed(targets)
+            targets = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -144,6 +160,12 @@ def kld_summary(token_kld: torch.Tensor | None, same_top1: torch.Tensor | None) 
     keys = ("kld_mean", "kld_median", "kld_p99", "kld_p999", "top1_agreement")
     if token_kld is None or same_top1 is None or not len(token_kld):
         return dict.fromkeys(keys)
-    v = token_kld.double().numpy()
-    q = np.percentile(v, [50, 99, 99.9])
-    return dict(zip(keys, (float(v.mean()), *map(float, q), float(same_top1.double().mean())), strict=True))
+    q = np.percentile(token_kld.double().numpy(), [50, 99, 99.9])
+    return dict(
+        zip(keys, (mean_kld(token_kld), *map(float, q), float(same_top1.double().mean())), strict=True)
+    )
+
+
+def mean_kld(token_kld: torch.Tensor) -> float:
+    """The mean per-token KL (the record's ``kld_mean``), in float64."""
+    return float(token_kld.double().numpy().mean())

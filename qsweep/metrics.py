@@ -17,7 +17,7 @@ import torch
 
 from qsweep.evaluate import EvalResult
 
-__all__ = ["compression", "degradation", "fitness", "paired_degradation_ci", "paired_delta"]
+__all__ = ["compression", "degradation", "fitness", "mean_interval", "paired_degradation_ci", "paired_delta"]
 
 
 def compression(baseline_bytes: int, plan_bytes: int) -> float:
@@ -80,13 +80,24 @@ def paired_degradation_ci(
         raise ValueError("paired CI needs both results on the same windows (same tokens and protocol)")
     if not (plan.ok and base.ok):
         return None
-    k = plan.window_tokens.numel()
+    bounds = mean_interval(plan.window_nll - base.window_nll, plan.window_tokens, level)
+    return None if bounds is None else (math.expm1(bounds[0]), math.expm1(bounds[1]))
+
+
+def mean_interval(
+    window_sums: torch.Tensor, window_tokens: torch.Tensor, level: float = 0.95
+) -> tuple[float, float] | None:
+    """A two-sided ``level`` Student-t interval of the per-token mean ``sum(x) / sum(n)`` of per-window sums ``x``
+    (``n``: each window's tokens), windows as the sampling unit (the ratio estimator of :func:`paired_delta`, with
+    ``k - 1`` degrees of freedom); None with fewer than 2 windows. :func:`paired_degradation_ci` takes it of the
+    NLL differences; a record's KL interval (``kld_ci95_*``) of the KL sums."""
+    k = window_tokens.numel()
     if k < 2:
         return None
-    delta, se = paired_delta(plan.window_nll, base.window_nll, plan.window_tokens)
+    delta, se = paired_delta(window_sums, torch.zeros_like(window_sums), window_tokens)
     # stdtrit is the Student-t inverse CDF behind scipy.stats.t.ppf; imported here because scipy.stats alone
     # costs about a second at import time and most imports of qsweep never compute an interval.
     from scipy.special import stdtrit
 
     half = float(stdtrit(k - 1, 0.5 + level / 2)) * se
-    return (math.expm1(delta - half), math.expm1(delta + half))
+    return (delta - half, delta + half)

@@ -33,7 +33,7 @@ import optuna
 from qsweep.errors import ConfigError, one_line_errors
 from qsweep.formats import get_format
 from qsweep.plots import plot_interactions, plot_study_front, svg_of
-from qsweep.score import size_key
+from qsweep.score import Degradation, size_key
 from qsweep.search.objective import trial_cost
 from qsweep.search.phases import interactions
 from qsweep.search.select import evaluated_trials, source_of
@@ -108,23 +108,22 @@ def _grid_html(plan: Mapping[str, str], colours: Mapping[str, str], caption: str
     return "".join(out) + "</table>"
 
 
-def _points(trials, metric: str) -> list[dict]:
+def _points(trials, metric: str, deg: Degradation) -> list[dict]:
+    """Every evaluated trial, its degradation and fitness those of the study (``search.degradation``)."""
     return [{"trial": t.number, "label": t.user_attrs.get("enqueued_as", ""),
              "source": source_of(t.user_attrs.get("enqueued_as", "")),
-             "size_bytes": t.user_attrs[size_key(metric)], "degradation": t.user_attrs["degradation"],
-             "fitness": t.user_attrs[f"fitness_{metric}"], "plan": json.loads(t.user_attrs["plan"])["units"],
+             "size_bytes": t.user_attrs[size_key(metric)], "degradation": deg.value(t.user_attrs),
+             "fitness": t.user_attrs[deg.fitness_key(metric)], "plan": json.loads(t.user_attrs["plan"])["units"],
              "bits_per_param": t.user_attrs.get("bits_per_param")}
-            for t in evaluated_trials(trials)]  # fmt: skip
+            for t in evaluated_trials(trials) if deg.value(t.user_attrs) is not None]  # fmt: skip
 
 
 def budget_by_phase(trials, table_cost: float) -> list[tuple[str, int, float]]:
     """(phase, trials, evaluations spent) for the sensitivity table and each source of trials, in order."""
     rows: dict[str, list] = {}
     for t in trials:
-        if t.state.name in (
-            "WAITING",
-            "RUNNING",
-        ):  # enqueued and not run yet, or running elsewhere: nothing spent
+        # enqueued and not run yet, or running elsewhere: nothing spent
+        if t.state.name in ("WAITING", "RUNNING"):
             continue
         r = rows.setdefault(source_of(t.user_attrs.get("enqueued_as", "")), [0, 0.0])
         r[0] += 1
@@ -161,10 +160,17 @@ def _verdict(results: Mapping | None, interrupted: str | None, run_dir: Path | N
                 f"plan {vs['uniform']} on the {split} split: {fit} {vs[f'best_report_{fit}']:.4f} vs "
                 f"{vs[f'uniform_report_{fit}']:.4f}, difference {vs['difference']:+.4f} (paired 95% CI "
                 f"[{lo:+.4f}, {hi:+.4f}]).")  # fmt: skip
+        user = vs.get("perplexity")
+        if user is not None:  # a KL study: the user's fitness of the same two plans
+            ulo, uhi = user["ci95"]
+            text += (f" In the user's fitness (perplexity) the difference is {user['difference']:+.4f} (paired 95% "
+                     f"CI [{ulo:+.4f}, {uhi:+.4f}]).")  # fmt: skip
     return f'<p class="verdict{"" if ok else " bad"}" id="verdict">{_e(text)}</p>'
 
 
-def _sensitivity_html(table: SensitivityTable | None, points: Sequence[Mapping], trials) -> str:
+def _sensitivity_html(
+    table: SensitivityTable | None, points: Sequence[Mapping], trials, deg: Degradation
+) -> str:
     if table is None:
         return '<section id="sensitivity"><h2>Sensitivity</h2><p class="note">No sensitivity table (the study ran ' \
                "without a warm start).</p></section>"  # fmt: skip
@@ -177,8 +183,9 @@ def _sensitivity_html(table: SensitivityTable | None, points: Sequence[Mapping],
         if len(diff) == 1:
             measured[(diff[0], p["plan"][diff[0]])] = p["degradation"]
     kind = "measured" if table.kind == "measured" else f"predicted ({table.kind})"
+    what = "KL degradation, exp(mean KL) - 1," if deg.kld else "Degradation"
     out = ['<section id="sensitivity"><h2>Sensitivity</h2>',
-           f"<p>Degradation (%) of the base plan with one unit changed, {_e(kind)}, on {table.n_tokens} tokens of "
+           f"<p>{what} (%) of the base plan with one unit changed, {_e(kind)}, on {table.n_tokens} tokens of "
            f"{_e(table.split)}; cost {table.cost_evals:.2f} evaluations. A second number is a trial's measurement of "
            "that one-unit plan.</p>", '<table id="sensitivity-table"><tr><th>unit</th>']  # fmt: skip
     out += [f"<th>{_e(f)}</th>" for f in formats] + ["</tr>"]
@@ -196,19 +203,16 @@ def _sensitivity_html(table: SensitivityTable | None, points: Sequence[Mapping],
                        f'style="background:rgba(215,48,39,{shade:.2f})">{text}</td>')  # fmt: skip
         out.append("</tr>")
     out.append("</table>")
-    rows = interactions(trials, table)
+    rows = interactions(trials, table, deg)
     if rows:
         out.append(svg_of(plot_interactions, rows, "predicted vs measured degradation, every evaluated plan"))
     return "".join(out) + "</section>"
 
 
 _PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+:)[^@\s]+@")  # scheme://user:PASSWORD@
-_PLAIN = re.compile(
-    r"[\w@%+=:,./<>~*\[\]-]+"
-)  # a word a shell takes as it is (< > only as qsweep writes them)
-_ABSOLUTE = re.compile(
-    r"(?<![\w.:/<>])(?:~|/)[^\s'\"(),]*"
-)  # a path from the root or home, not inside a word
+# a word a shell takes as it is (< > only as qsweep writes them); a path from the root or home, not inside a word
+_PLAIN = re.compile(r"[\w@%+=:,./<>~*\[\]-]+")
+_ABSOLUTE = re.compile(r"(?<![\w.:/<>])(?:~|/)[^\s'\"(),]*")
 
 
 def _scrub(text: str, run_dir: Path | None, command: bool = True) -> str:
@@ -270,13 +274,15 @@ def _study_html(results: Mapping | None, trials, table_cost: float, run_dir: Pat
     return "".join(out) + "</ul></section>"
 
 
-def _front_html(results: Mapping | None, points: Sequence[Mapping], metric: str, baseline_bytes: int) -> str:
+def _front_html(
+    results: Mapping | None, points: Sequence[Mapping], metric: str, baseline_bytes: int, deg: Degradation
+) -> str:
     best = (results or {}).get("best")
     chosen = None
     if best is not None:
         chosen = {"size_bytes": best["report"][size_key(metric)], "report_split": results["report_split"],
-                  "search_degradation": best["search"]["degradation"],
-                  "report_degradation": best["report"]["degradation"]}  # fmt: skip
+                  "search_degradation": deg.value(best["search"]),
+                  "report_degradation": deg.value(best["report"])}  # fmt: skip
     out = [
         '<section id="front"><h2>The front</h2>',
         svg_of(
@@ -287,15 +293,15 @@ def _front_html(results: Mapping | None, points: Sequence[Mapping], metric: str,
     if cands:
         fit = results["fitness"]
         out.append(f'<table id="candidates"><tr><th>trial</th><th>from</th><th>{metric} size (bytes)</th>'
-                   f"<th>compression</th><th>search {fit}</th><th>report {fit}</th><th>report degradation (%)</th>"
+                   f"<th>compression</th><th>search {fit}</th><th>report {fit}</th><th>report {deg.name} degradation (%)</th>"
                    "</tr>")  # fmt: skip
         for c in sorted(cands, key=lambda c: c["search"][size_key(metric)]):
             mark = " (chosen)" if best is not None and c["trial"] == best["trial"] else ""
-            deg = c["report"]["degradation"]
+            loss = deg.value(c["report"])
             out.append(f'<tr data-trial="{c["trial"]}"><td>{c["trial"]}{mark}</td><td>{_e(c["enqueued_as"] or "sampler")}'
                        f'</td><td>{c["search"][size_key(metric)]}</td><td>{_num(c["report"][f"compression_{metric}"], ".3f")}'
                        f'</td><td>{_num(c["search"][fit])}</td><td>{_num(c["report"][fit])}</td>'
-                       f"<td>{_num(None if deg is None else 100 * deg, '.2f')}</td></tr>")  # fmt: skip
+                       f"<td>{_num(None if loss is None else 100 * loss, '.2f')}</td></tr>")  # fmt: skip
         out.append("</table>")
     return "".join(out) + "</section>"
 
@@ -324,13 +330,16 @@ def _plans_html(results: Mapping | None, points: Sequence[Mapping], metric: str)
 
 def render_page(results: Mapping | None, trials, table: SensitivityTable | None, *, title: str,
                 metric: str, baseline_bytes: int, run_dir: Path | None = None,
-                interrupted: str | None = None) -> str:  # fmt: skip
+                interrupted: str | None = None, degradation: str = "perplexity") -> str:  # fmt: skip
     """The page (module docstring) of a study's ``results`` (results.json's content; None: not finished) and its
-    trials; ``interrupted``: the line saying where an interrupted study stopped and how to resume it."""
-    points = _points(trials, metric)
+    trials; ``interrupted``: the line saying where an interrupted study stopped and how to resume it;
+    ``degradation``: the study's (``search.degradation``)."""
+    deg = Degradation(degradation)
+    points = _points(trials, metric, deg)
     table_cost = table.cost_evals if table is not None else 0.0
-    body = [f"<h1>{_e(title)}</h1>", _verdict(results, interrupted, run_dir), _front_html(results, points, metric, baseline_bytes),
-            _plans_html(results, points, metric), _sensitivity_html(table, points, trials),
+    body = [f"<h1>{_e(title)}</h1>", _verdict(results, interrupted, run_dir),
+            _front_html(results, points, metric, baseline_bytes, deg),
+            _plans_html(results, points, metric), _sensitivity_html(table, points, trials, deg),
             _study_html(results, trials, table_cost, run_dir)]  # fmt: skip
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
@@ -341,8 +350,10 @@ def write_page(out_dir: Path, results: Mapping | None, study: optuna.Study, *, m
     """Write ``out_dir/report.html`` for ``study`` (its trials and stored sensitivity table) and ``results``."""
     raw = study.user_attrs.get("sensitivity")
     table = None if raw is None else SensitivityTable.from_dict(raw, f"study {study.study_name!r}")
+    degradation = (study.user_attrs.get("identity") or {}).get("degradation", "perplexity")
     page = render_page(results, study.get_trials(deepcopy=False), table, title=study.study_name, metric=metric,
-                       baseline_bytes=baseline_bytes, run_dir=out_dir, interrupted=interrupted)  # fmt: skip
+                       baseline_bytes=baseline_bytes, run_dir=out_dir, interrupted=interrupted,
+                       degradation=degradation)  # fmt: skip
     path = Path(out_dir) / PAGE
     tmp = path.with_name(PAGE + ".partial")
     tmp.write_text(page)

@@ -321,6 +321,7 @@ def test_workers_get_one_gpu_each_round_robin(monkeypatch):
 def test_the_proxy_streams_and_equals_the_full_gradient_formula(tmp_path, monkeypatch):
     """The proxy folds each parameter's gradient into the (unit, format) sums as backward makes it; checkpointing
     changes nothing. Reference: the full-gradient formula (g/N).dW + 0.5 (sum r^2 / N).dW^2 of the code before."""
+    import qsweep.search.proxy as proxy
     import qsweep.search.sensitivity as sens
     from qsweep.search.space import SearchSpace
 
@@ -332,7 +333,7 @@ def test_the_proxy_streams_and_equals_the_full_gradient_formula(tmp_path, monkey
     streamed = sens.proxy_sensitivity(session.applier, ev, space, base, max_batches=2, full_eval_seconds=1.0,
                                       fisher="batch")  # fmt: skip
     assert not streamed.info["checkpointed"]
-    monkeypatch.setattr(sens, "CHECKPOINT_ABOVE_BYTES", 0)
+    monkeypatch.setattr(proxy, "CHECKPOINT_ABOVE_BYTES", 0)
     checkpointed = sens.proxy_sensitivity(session.applier, ev, space, base, max_batches=2, full_eval_seconds=1.0,
                                           fisher="batch")  # fmt: skip
     assert checkpointed.info["checkpointed"]

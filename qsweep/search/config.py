@@ -15,7 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qsweep.errors import ConfigError, did_you_mean, first_line
-from qsweep.score import SIZE_METRICS
+from qsweep.score import DEGRADATIONS, SIZE_METRICS
 
 __all__ = ["OBJECTIVES", "SIZE_METRIC_ALIASES", "SearchConfig", "search_config"]
 
@@ -40,7 +40,12 @@ class SearchConfig:
     study_name: str | None = None  # null: derived from model, data, eval, precision, search and seed
     enqueue: list[str] = field(default_factory=list)  # plan names from conf/plan, and/or "uniform"
     size_metric: str = "packed"  # packed: codes + scales (honest); seed: numel x bits / 8, no scales
-    max_degradation: float | None = None  # perplexity ceiling, relative to the baseline: a constraint
+    # what the search calls a plan's loss (qsweep.score.Degradation): perplexity (the user's degradation) or kld
+    # (expm1 of the mean KL(baseline || plan) per token: the perplexity increase on the baseline's own text)
+    degradation: str = "perplexity"
+    max_degradation: float | None = (
+        None  # ceiling on that degradation, relative to the baseline: a constraint
+    )
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
     # the reported plan among the candidates (qsweep.search.select): lcb, the best fitness with the degradation at
     # its 95% upper bound on the search split; fitness, the best point estimate
@@ -102,6 +107,11 @@ def search_config(raw) -> SearchConfig:
         raise ConfigError(
             f"unknown search.size_metric {s.size_metric!r}{did_you_mean(s.size_metric, SIZE_METRICS)}; "
             f"valid: {', '.join(SIZE_METRICS)}"
+        )
+    if s.degradation not in DEGRADATIONS:
+        raise ConfigError(
+            f"unknown search.degradation {s.degradation!r}{did_you_mean(s.degradation, DEGRADATIONS)}; "
+            f"valid: {', '.join(DEGRADATIONS)}"
         )
     if s.max_degradation is not None and s.max_degradation < 0:
         raise ConfigError(f"search.max_degradation must be >= 0, got {s.max_degradation}")

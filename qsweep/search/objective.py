@@ -5,9 +5,11 @@ callable the caller supplies (``EvalSession.score`` on the search split, in the 
 score's record (qsweep.score) plus the plan as user attributes, so every trial can be re-read without re-deriving
 anything from its parameters.
 
-Objectives (``search.objective``):
-  * ``multi``: minimise (perplexity, size in ``search.size_metric``): NSGA-II's Pareto front;
-  * ``fitness``: maximise ``fitness_<size_metric>``, the user's fitness in that accounting.
+Objectives (``search.objective``), with the degradation of ``search.degradation`` (qsweep.score.Degradation):
+  * ``multi``: minimise (perplexity, size in ``search.size_metric``): NSGA-II's Pareto front; with
+    ``degradation=kld``, (``kld_mean``, size);
+  * ``fitness``: maximise ``fitness_<size_metric>``, the user's fitness in that accounting (``fitness_kld_<metric>``
+    with ``degradation=kld``).
 A plan that cannot be evaluated (non-finite loss) returns NaN, which Optuna records as a failed trial; its record
 (with ``error``) is stored, and it counts towards ``search.n_trials`` (see :func:`is_done`).
 
@@ -22,7 +24,8 @@ evaluator, or anything with ``n_windows`` and ``windows_within(share)``) a plan 
 and a trial started with less than one evaluation of budget left (its ``cost_cap``) stops there (``PRUNED``, with
 ``pruned`` saying why). Without ``windows`` every evaluation is whole and costs 1.
 
-``search.max_degradation`` is a constraint (``degradation - max_degradation <= 0`` is feasible), stored with
+``search.max_degradation`` is a constraint on that degradation (``degradation - max_degradation <= 0`` is
+feasible), stored with
 ``trial.set_constraint`` (Optuna >= 5) or as the ``constraint`` user attribute read by the sampler's
 ``constraints_func`` (Optuna 4).
 """
@@ -40,7 +43,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from qsweep.metrics import fitness
 from qsweep.plan import Plan
-from qsweep.score import PlanScore, size_key
+from qsweep.score import PERPLEXITY, Degradation, PlanScore, size_key
 from qsweep.search.front import pareto_indices
 from qsweep.search.racing import Incumbent, Race, verdict
 from qsweep.search.space import SearchSpace
@@ -62,7 +65,8 @@ log = logging.getLogger("qsweep")
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")  # Optuna >= 5
 _NOT_COPIED = ("enqueued_as", "duplicate_of", "cost_cap")  # attributes of the trial itself, not of its plan
 # user attributes: the share of one full evaluation a trial used; the most it may use (what the budget had left
-# when it started); system attribute: a fully evaluated plan's NLL per window (racing's pairs)
+# when it started); system attribute: a fully evaluated plan's loss per window (racing's pairs: NLL, or KL with
+# search.degradation=kld)
 COST_ATTR, CAP_ATTR, WINDOWS_ATTR = "cost_evals", "cost_cap", "qsweep:window_nll"
 BUDGET_CUT = "budget:"  # how the ``pruned`` attribute of a trial the budget cut short begins
 
@@ -101,15 +105,15 @@ def constraint_of(degradation: float | None, max_degradation: float | None) -> f
     return min(value, 1e300)  # stored as a finite JSON number
 
 
-def is_feasible(attrs: Mapping, max_degradation: float | None) -> bool:
-    c = constraint_of(attrs.get("degradation"), max_degradation)
+def is_feasible(attrs: Mapping, max_degradation: float | None, degradation: Degradation = PERPLEXITY) -> bool:
+    c = constraint_of(degradation.value(attrs), max_degradation)
     return c is None or c <= 0
 
 
 @dataclass(frozen=True)
 class Answer:
     """What the study already knows about a plan: the trial that evaluated it, its attributes, whether racing or
-    the budget dropped it (``pruned``) and, for a full evaluation, its NLL per window (racing's pairs)."""
+    the budget dropped it (``pruned``) and, for a full evaluation, its loss per window (racing's pairs)."""
 
     number: int
     attrs: Mapping
@@ -132,8 +136,10 @@ class Objective:
         race: Race | None = None,
         penalty: float = 10.0,
         full_labels: Collection[str] = (),
+        degradation: Degradation = PERPLEXITY,
     ):
         self.space = space
+        self.degradation = degradation
         self.score = score
         self.kind = kind
         self.size_metric = size_metric
@@ -168,16 +174,15 @@ class Objective:
     @property
     def metric_names(self) -> list[str]:
         if self.kind == "multi":
-            return ["perplexity", size_key(self.size_metric)]
-        return [f"fitness_{self.size_metric}"]
+            return [self.degradation.objective_key, size_key(self.size_metric)]
+        return [self.degradation.fitness_key(self.size_metric)]
 
     def values(self, attrs: Mapping) -> list[float]:
         """The objective values of a stored record (NaN for a plan that failed to evaluate)."""
-        if attrs.get("error") or attrs.get("perplexity") is None:
+        keys = self.metric_names
+        if attrs.get("error") or attrs.get("perplexity") is None or attrs.get(keys[0]) is None:
             return [math.nan] * len(self.directions)
-        if self.kind == "multi":
-            return [float(attrs["perplexity"]), float(attrs[size_key(self.size_metric)])]
-        return [float(attrs[f"fitness_{self.size_metric}"])]
+        return [float(attrs[k]) for k in keys]
 
     def sampler_constraints(self, trial: FrozenTrial) -> list[float]:
         """``constraints_func`` for Optuna 4 samplers (Optuna 5 reads ``trial.set_constraint``)."""
@@ -222,7 +227,9 @@ class Objective:
             if not score.result.ok:
                 log.warning("trial %d: plan %s failed to evaluate: %s", trial.number, attrs["plan_digest"],
                             score.result.error)  # fmt: skip
-            windows = score.result.window_nll if why is None and score.result.ok else None
+            windows = (
+                self.degradation.window_losses(score.result) if why is None and score.result.ok else None
+            )
             if windows is not None and self.windows is not None:
                 trial.storage.set_trial_system_attr(trial._trial_id, WINDOWS_ATTR, windows.tolist())
         for k, v in attrs.items():
@@ -252,10 +259,11 @@ class Objective:
             if not score.result.ok or stop == n:
                 return score, None
             if self.race is not None and raced:
-                why = verdict(score.record(), score.result.window_nll, score.result.window_tokens,
-                              self._incumbents(), kind=self.kind, size_metric=self.size_metric,
-                              penalty=self.penalty, z=self.race.z_at(len(score.result.window_nll)),
-                              max_degradation=self.max_degradation)  # fmt: skip
+                why = verdict(score.record(), self.degradation.window_losses(score.result),
+                              score.result.window_tokens, self._incumbents(), kind=self.kind,
+                              size_metric=self.size_metric, penalty=self.penalty,
+                              z=self.race.z_at(len(score.result.window_nll)), max_degradation=self.max_degradation,
+                              degradation=self.degradation)  # fmt: skip
                 if why is not None:
                     return score, f"racing: {why} after {score.result.share:.0%} of the split"
         return score, f"{BUDGET_CUT} {cap:.3f} evaluations were left"
@@ -263,23 +271,23 @@ class Objective:
     def _incumbents(self) -> list[Incumbent]:
         """The fully measured plans with windows a candidate is raced against: the feasible front (multi) or all
         feasible plans (fitness; racing takes the best)."""
-        key = size_key(self.size_metric)
+        key, deg = size_key(self.size_metric), self.degradation
         out = []
         for a in self._answers.values():
             r = a.attrs
-            if a.pruned or a.window_nll is None or r.get("degradation") is None:
+            if a.pruned or a.window_nll is None or deg.value(r) is None:
                 continue
-            if not is_feasible(r, self.max_degradation):
+            if not is_feasible(r, self.max_degradation, deg):
                 continue
-            fit = fitness(r[f"compression_{self.size_metric}"], r["degradation"], self.penalty)
-            out.append(Incumbent(a.number, a.window_nll, math.log1p(r["degradation"]), r[key], fit))
+            fit = fitness(r[f"compression_{self.size_metric}"], deg.value(r), self.penalty)
+            out.append(Incumbent(a.number, a.window_nll, deg.delta(r), r[key], fit))
         if self.kind == "multi" and out:
             keep = pareto_indices([(math.exp(j.delta_nll), j.size_bytes) for j in out])
             out = [out[i] for i in keep]
         return out
 
     def _constrain(self, trial: optuna.Trial, attrs: Mapping) -> None:
-        value = constraint_of(attrs.get("degradation"), self.max_degradation)
+        value = constraint_of(self.degradation.value(attrs), self.max_degradation)
         if value is None:
             return
         if HAS_SET_CONSTRAINT:

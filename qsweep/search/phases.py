@@ -24,7 +24,7 @@ import optuna
 
 from qsweep.errors import ConfigError
 from qsweep.plan import Plan
-from qsweep.score import PlanScore, size_key
+from qsweep.score import PERPLEXITY, Degradation, PlanScore, size_key
 from qsweep.search.allocate import EXACT, Allocator, predicted_delta_nll
 from qsweep.search.config import SearchConfig
 from qsweep.search.objective import HAS_SET_CONSTRAINT, Objective
@@ -60,16 +60,14 @@ def new_sensitivity(
     tokens: int | None = None,
     full_eval_seconds: float | None = None,
     progress: bool = True,
+    degradation: str = "perplexity",
 ) -> SensitivityTable:
     """A sensitivity table of ``kind`` on ``split``; the proxy reads the first ``tokens`` of it (None: all).
-    ``progress``: a bar on stderr (rows of the measured table, tokens of the proxy's passes)."""
+    ``progress``: a bar on stderr (rows of the measured table, tokens of the proxy's passes); ``degradation``:
+    what its rows measure (qsweep.score.Degradation)."""
     full = full_eval_seconds or session.baseline(split).seconds
-    log.info(
-        "warm start: %s sensitivity of %d units on %r (search.sensitivity)",
-        kind,
-        len(space.searchable),
-        split,
-    )
+    log.info("warm start: %s sensitivity of %d units on %r (search.sensitivity%s)", kind, len(space.searchable),
+             split, ", KL" if degradation == "kld" else "")  # fmt: skip
     ev = session.evaluator(split)
     with session.out_of_memory_is_an_error(f"the {kind} sensitivity table (search.sensitivity)"):
         if kind == "proxy":
@@ -79,7 +77,8 @@ def new_sensitivity(
             )
             try:
                 table = proxy_table(session, space, split, full_eval_seconds=full, max_tokens=tokens,
-                                    max_batches=max(1, math.ceil(share * ev.n_batches)), progress=bar)  # fmt: skip
+                                    max_batches=max(1, math.ceil(share * ev.n_batches)), progress=bar,
+                                    degradation=degradation)  # fmt: skip
             finally:
                 bar(None)
         else:
@@ -91,7 +90,8 @@ def new_sensitivity(
                 bar(done[0])
 
             try:
-                table = measured_table(session, space, split, max_tokens=tokens, progress=row)
+                table = measured_table(session, space, split, max_tokens=tokens, progress=row,
+                                       degradation=degradation)  # fmt: skip
             finally:
                 bar(None)
     log.info("warm start: %s sensitivity took %.1f s (%.1f full evaluations)", kind, table.seconds,
@@ -106,27 +106,32 @@ def stored_or_new_sensitivity(
     kind: str,
     split: str,
     tokens: int | None = None,
+    degradation: str = "perplexity",
 ) -> SensitivityTable:
     """The study's stored sensitivity table (a resume reuses it), or a new one, stored in the study."""
     stored = study.user_attrs.get("sensitivity")
     if stored is not None:
         table = SensitivityTable.from_dict(stored, f"study {study.study_name!r}: sensitivity table")
+        if (
+            table.degradation != degradation
+        ):  # the study's identity holds search.degradation: not reached by the app
+            raise ConfigError(f"study {study.study_name!r} stores a sensitivity table of {table.degradation}, this "
+                              f"run has search.degradation={degradation}; use another search.study_name")  # fmt: skip
         log.info("warm start: the study's %s sensitivity table (cost %.1f evaluations, paid before)", table.kind,
                  table.cost_evals)  # fmt: skip
         return table
-    table = new_sensitivity(session, space, kind, split, tokens)
+    table = new_sensitivity(session, space, kind, split, tokens, degradation=degradation)
     study.set_user_attr("sensitivity", table.to_dict())
     return table
 
 
-def _measured(trials, metric: str) -> list[Measured]:
-    return [
-        Measured(
-            Candidate.of(t).plan, math.log1p(t.user_attrs["degradation"]), t.user_attrs[size_key(metric)]
-        )
-        for t in evaluated_trials(trials)
-        if t.user_attrs["degradation"] > -1
-    ]
+def _measured(trials, metric: str, degradation: Degradation) -> list[Measured]:
+    out = []
+    for t in evaluated_trials(trials):
+        delta = degradation.delta(t.user_attrs)
+        if delta is not None and math.isfinite(delta):
+            out.append(Measured(Candidate.of(t).plan, delta, t.user_attrs[size_key(metric)]))
+    return out
 
 
 def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table: SensitivityTable,
@@ -146,7 +151,8 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
         trials = study.get_trials(deepcopy=False)
         k = sum(t.user_attrs.get("enqueued_as", "").startswith("refine:") for t in trials)
         known = {t.user_attrs["plan_digest"] for t in trials if "plan_digest" in t.user_attrs}
-        found = policy.next(k, _measured(trials, metric), table, space, sizes, jumps, exclude=known)
+        found = policy.next(k, _measured(trials, metric, objective.degradation), table, space, sizes, jumps,
+                            exclude=known)  # fmt: skip
         if found is None:
             log.info("refine: no unmeasured neighbour left")
             return
@@ -161,25 +167,29 @@ def _refine(study: optuna.Study, objective: Objective, space: SearchSpace, table
             (t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("enqueued_as") == label), None
         )
         a = t.user_attrs if t is not None else {}
-        measured = a.get(f"fitness_{metric}")
+        fit = objective.degradation.fitness_key(metric)
+        measured = a.get(fit)
         outcome = "-" if measured is None else f"{measured:.4f}"
         if a.get("pruned"):
             outcome += f" on {a.get('eval_share', 0):.0%} of the split, dropped ({a['pruned']})"
-        log.info("refine %d (%.2f/%.2f evaluations, %s): predicted fitness_%s %.4f, measured %s", k,
-                 spent(study) - start, budget - start, criterion, metric, p.predicted_fitness, outcome)  # fmt: skip
+        log.info("refine %d (%.2f/%.2f evaluations, %s): predicted %s %.4f, measured %s", k,
+                 spent(study) - start, budget - start, criterion, fit, p.predicted_fitness, outcome)  # fmt: skip
 
 
-def interactions(trials, table: SensitivityTable | None) -> list[dict]:
-    """Predicted (additive) vs measured degradation of every evaluated plan, with where it came from."""
+def interactions(trials, table: SensitivityTable | None, degradation: Degradation = PERPLEXITY) -> list[dict]:
+    """Predicted (additive) vs measured degradation (the table's kind: ``degradation``) of every evaluated plan,
+    with where it came from."""
     if table is None:
         return []
     rows = []
     for t in evaluated_trials(trials):
+        if degradation.value(t.user_attrs) is None:
+            continue
         label = t.user_attrs.get("enqueued_as", "") or "sampler"
         pred = predicted_delta_nll(table, Candidate.of(t).plan)
         rows.append({"trial": t.number, "source": source_of(label), "label": label,
                      "plan_digest": t.user_attrs["plan_digest"], "packed_size_bytes": t.user_attrs["packed_size_bytes"],
-                     "predicted_degradation": math.expm1(pred), "measured_degradation": t.user_attrs["degradation"]})  # fmt: skip
+                     "predicted_degradation": math.expm1(pred), "measured_degradation": degradation.value(t.user_attrs)})  # fmt: skip
     return rows
 
 
@@ -314,7 +324,7 @@ def build_study(
     race = Race(tuple(search.racing), search.racing_confidence) if search.racing else None
     objective = Objective(space, score, kind=search.objective, size_metric=search.size_metric,
                           max_degradation=search.max_degradation, windows=windows, race=race, penalty=penalty,
-                          full_labels=reference)  # fmt: skip
+                          full_labels=reference, degradation=Degradation(search.degradation))  # fmt: skip
     sampler = make_sampler(search.sampler, search.seed if seed is None else seed, search.sampler_options,
                            None if HAS_SET_CONSTRAINT else objective.sampler_constraints)  # fmt: skip
     study = open_study(sampler, objective, {k: space.params_of(p) for k, p in reference.items()})

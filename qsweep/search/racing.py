@@ -9,7 +9,8 @@ and ``j`` summed over window ``w`` and ``n_w`` its scored tokens, the per-token 
 standard error ``se`` (the ratio estimator of :func:`qsweep.metrics.paired_delta`) bound ``c``'s full-split
 log-perplexity change from below by ``delta_j + m - t * se`` (``t``: the one-sided Student-t quantile of
 ``search.racing_confidence`` with k - 1 degrees of freedom, k windows). Pairing against ``j`` rather than the baseline removes most of the window-to-window
-spread, since two quantized plans find the same windows hard. The candidate is dropped (an Optuna ``PRUNED``
+spread, since two quantized plans find the same windows hard. With ``search.degradation=kld`` the same holds of
+the per-window KL sums and ``delta_j`` is ``kld_mean`` (qsweep.score.Degradation). The candidate is dropped (an Optuna ``PRUNED``
 trial, its partial record kept) when, even at that bound,
 
 * ``objective=fitness``: its fitness is below the best measured fitness (``j`` is that plan);
@@ -42,6 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from qsweep.metrics import fitness, paired_delta
+from qsweep.score import PERPLEXITY, Degradation
 
 __all__ = ["MIN_WINDOWS", "Incumbent", "Race", "verdict"]
 
@@ -74,8 +76,9 @@ class Race:
 
 @dataclass(frozen=True)
 class Incumbent:
-    """A fully measured plan a candidate may be compared with: its per-window NLL, full-split log-perplexity change
-    vs the baseline (``log1p(degradation)``), size and fitness."""
+    """A fully measured plan a candidate may be compared with: its per-window loss (NLL, or KL), full-split change
+    vs the baseline in nats (qsweep.score.Degradation.delta: ``log1p(degradation)``, or ``kld_mean``), size and
+    fitness."""
 
     trial: int
     window_nll: torch.Tensor
@@ -95,14 +98,16 @@ def verdict(
     penalty: float,
     z: float,
     max_degradation: float | None = None,
+    degradation: Degradation = PERPLEXITY,
 ) -> str | None:
-    """Why the candidate of partial record ``partial`` (its ``window_nll`` on the first windows) cannot beat
-    ``incumbents`` (module docstring), or None while it still may."""
+    """Why the candidate of partial record ``partial`` (its loss per window on the first windows, ``window_nll``:
+    NLL, or KL with ``degradation`` kld) cannot beat ``incumbents`` (module docstring), or None while it still may."""
     k = len(window_nll)
     if k < MIN_WINDOWS:
         return None
-    if max_degradation is not None and partial.get("degradation_ci95_low") is not None:
-        low = _one_sided_low(partial, z)
+    bottom = degradation.bound(partial, "low")
+    if max_degradation is not None and bottom is not None:
+        low = _one_sided_low(degradation.delta(partial), math.log1p(bottom), z)
         if low > max_degradation:
             return f"degradation >= {low:.4f} > search.max_degradation={max_degradation}"
     size = partial["packed_size_bytes" if size_metric == "packed" else "model_size_bytes"]
@@ -122,13 +127,12 @@ def verdict(
             continue
         gap, se = paired_delta(window_nll, j.window_nll[:k], window_tokens)
         if gap - z * se > 0:
-            return f"dominated by trial {j.trial} (no larger, log-perplexity lower by >= {gap - z * se:.4f})"
+            what = "mean KL" if degradation.kld else "log-perplexity"
+            return f"dominated by trial {j.trial} (no larger, {what} lower by >= {gap - z * se:.4f})"
     return None
 
 
-def _one_sided_low(partial: Mapping, z: float) -> float:
-    """The degradation's one-sided lower bound at ``z`` from the record's two-sided 95% interval (its half-width in
-    log space, rescaled from 1.96 to ``z``)."""
-    d = math.log1p(partial["degradation"])
-    half = d - math.log1p(partial["degradation_ci95_low"])
-    return math.expm1(d - half * z / 1.959964)
+def _one_sided_low(delta: float, low: float, z: float) -> float:
+    """The degradation's one-sided lower bound at ``z`` from ``delta`` and the low end ``low`` of its two-sided 95%
+    interval, both in nats (the half-width rescaled from 1.96 to ``z``)."""
+    return math.expm1(delta - (delta - low) * z / 1.959964)

@@ -18,15 +18,11 @@ One record type (:class:`SensitivityTable`) for two ways of filling it:
   on a GPU); ``fisher="batch"`` uses the plain pass gradient ``G_b**2`` instead (one backward, but biased upward by
   the within-pass cross terms: with one pass it is ``N * g**2``, so its values depend on the pass size, and so on
   the device).
-  Why this one and not ModelOpt's output-space score ``sum_t ((dL/dY) (Y_q - Y))**2``: it needs no extra forward
-  per format and layer (the output-space score re-runs every layer once per format), it covers every parameter
-  kind the same way (embeddings, biases, norms, a tied head) with no per-module code, and it is already in the
-  measured table's units (change in mean per-token NLL, first-order term included since both are taken on the
-  same tokens), so it needs no calibration to be compared with or stand in for measured rows. Its weakness is the
-  diagonal: error correlations within a tensor are ignored, which matters most at 2-3 bits. On the bundled model
-  (validation split, lowbit menu; ``python -m qsweep.bench.sensitivity``) it ranks the 156 measured rows with
-  Spearman 0.986 (0.94-0.998 within each format) and overestimates them by a median factor of 1.3, for the cost of
-  about 5 full evaluations against about 120 for the measured table.
+  Its derivation, cost and measured quality: :mod:`qsweep.search.proxy`.
+
+Tables of ``degradation="kld"`` (``search.degradation=kld``; qsweep.score.Degradation) hold the change in mean
+per-token KL(baseline || plan) instead: measured, the KL of each one-unit plan from the same evaluations; proxy, the
+model's own Fisher (:mod:`qsweep.search.proxy`).
 
 The record (rows, sizes, JSON/CSV) is :mod:`qsweep.search.sensitivity_table`, re-exported here. There is one row
 per (unit, format) of the space, fixed units and the base format (delta 0 by definition) included, so a table
@@ -36,26 +32,26 @@ counted by work (the same on any machine and load); ``info["wall_evals"]``: its 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import statistics
 import time
-from collections.abc import Callable, Mapping
-
-import torch
+from collections.abc import Callable
 
 from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator
-from qsweep.memory import activation_bytes, large_tensors_outside_the_heap, proxy_pass_tokens
 from qsweep.plan import Plan
 from qsweep.prefix import PrefixRunner
+from qsweep.search.proxy import FISHER_ESTIMATORS, proxy_cost_evals, proxy_sensitivity
 from qsweep.search.sensitivity_table import (
     KINDS,
     SensitivityError,
     SensitivityRow,
     SensitivityTable,
+    check_base,
     rank_correlation,
+    sensitivity_base,
+    table_rows,
     unit_bytes,
 )
 from qsweep.search.space import SearchSpace
@@ -76,60 +72,6 @@ __all__ = [
     "unit_bytes",
 ]
 
-FISHER_ESTIMATORS = ("rademacher", "batch")
-# Activations a backward pass may keep before its decoder layers and logits are recomputed instead (checkpointing).
-CHECKPOINT_ABOVE_BYTES = 2**30
-
-
-def _needs_checkpointing(evaluator: Evaluator, model) -> bool:
-    """Whether one proxy pass would keep more than CHECKPOINT_ABOVE_BYTES of activations without checkpointing."""
-
-    tokens = min(
-        proxy_pass_tokens(evaluator.device),
-        max(evaluator.batch_inputs(i).numel() for i in range(evaluator.n_batches)),
-    )
-    dtype = next(model.parameters()).dtype
-    layers = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", 1)
-    # without checkpointing every layer keeps its activations, and every chunk of logits its softmax
-    kept = (
-        layers * activation_bytes(model.config, tokens, dtype, logits_rows=0)
-        + 3 * tokens * model.config.vocab_size * 4
-    )
-    return kept > CHECKPOINT_ABOVE_BYTES
-
-
-def proxy_cost_evals(tokens: int, eval_tokens: int, fisher: str, checkpointed: bool) -> float:
-    """The proxy table's cost in full evaluations, counted by work (the same on any machine and load): the share of
-    the split's scored tokens it reads, times one forward plus, per backward pass (``rademacher``: 2, ``batch``: 1),
-    2 forward-equivalents and one more when layers are recomputed (checkpointing). Measured on a SmolLM2-135M shape
-    on 2 CPU cores: 7.0 by this count, 7.3 by the wall clock."""
-    backward = 2 if fisher == "rademacher" else 1
-    return tokens / eval_tokens * (1 + backward * (2 + int(checkpointed)))
-
-
-def sensitivity_base(space: SearchSpace, baseline: Plan) -> Plan:
-    """The plan rows depart from: each unit in the baseline's format where its menu allows it, else (fixed units,
-    or a menu without the baseline's format) in its first menu format."""
-    return Plan({u: baseline[u] if baseline[u] in c else c[0] for u, c in space.choices.items()})
-
-
-def _check_base(space: SearchSpace, base_plan: Plan) -> None:
-    bad = [u for u, c in space.choices.items() if base_plan[u] not in c]
-    if bad:
-        raise SensitivityError(
-            f"base plan puts unit {bad[0]!r} in {base_plan[bad[0]]!r}, which its menu does not allow "
-            f"({', '.join(space.choices[bad[0]])}); use sensitivity_base(space, baseline)"
-        )
-
-
-def _rows(applier: PlanApplier, space: SearchSpace, base_plan: Plan, deltas: Mapping) -> tuple:
-    table = applier.table
-    return tuple(
-        SensitivityRow(u, f, 0.0 if f == base_plan[u] else deltas[(u, f)], *unit_bytes(table[u], f))
-        for u, c in space.choices.items()
-        for f in c
-    )
-
 
 def measure_sensitivity(
     applier: PlanApplier,
@@ -140,20 +82,29 @@ def measure_sensitivity(
     split: str = "",
     prefix_cache: bool = True,
     progress: Callable[[str, str, float], None] | None = None,
+    degradation: str = "perplexity",
 ) -> SensitivityTable:
     """Measure every (searchable unit, format) of ``space`` as a one-unit change from ``base_plan``.
 
     ``prefix_cache`` starts each forward at the unit's first block (exact; see qsweep.prefix); off, every plan is
     a full evaluation (for checking and timing). ``progress(unit, format, delta)`` is called after each row.
-    Leaves ``base_plan`` applied.
+    ``degradation`` ``kld``: the rows hold the change in mean KL from the evaluator's reference (which it must
+    have: qsweep.heads) instead of in mean NLL. Leaves ``base_plan`` applied.
     """
-    _check_base(space, base_plan)
+    check_base(space, base_plan)
     model = applier.model
     start = time.perf_counter()
     applier.apply_(base_plan)
     base = evaluator.evaluate(model)
     if not base.ok:
         raise RuntimeError(f"the base plan fails to evaluate: {base.error}")
+    kld = degradation == "kld"
+    if kld and base.token_kld is None:
+        raise ValueError("a KL sensitivity table needs an evaluator holding the baseline's distribution")
+
+    def loss(res) -> float:
+        return float(res.token_kld.double().sum()) if kld else res.nll_sum
+
     runner = PrefixRunner(model, applier.table) if prefix_cache else None
     todo = [(u, f) for u in space.searchable for f in space.choices[u] if f != base_plan[u]]
     if runner is not None:
@@ -172,7 +123,7 @@ def measure_sensitivity(
             n_blocks_run += runner.n_blocks
         applier.apply_(Plan({**base_plan.formats, u: f}))
         res = runner.evaluate(evaluator, cache) if runner is not None else evaluator.evaluate(model)
-        deltas[(u, f)] = (res.nll_sum - base.nll_sum) / base.n_tokens if res.ok else math.inf
+        deltas[(u, f)] = (loss(res) - loss(base)) / base.n_tokens if res.ok else math.inf
         if cache is None:
             full_seconds.append(res.seconds)
         if progress is not None:
@@ -194,141 +145,12 @@ def measure_sensitivity(
         base_plan=base_plan,
         split=split,
         n_tokens=base.n_tokens,
-        rows=_rows(applier, space, base_plan, deltas),
+        rows=table_rows(applier, space, base_plan, deltas),
         cost_evals=cost,
         seconds=seconds,
         base_perplexity=base.perplexity,
         info=info,
-    )
-
-
-def proxy_sensitivity(
-    applier: PlanApplier,
-    evaluator: Evaluator,
-    space: SearchSpace,
-    base_plan: Plan,
-    *,
-    split: str = "",
-    max_batches: int | None = None,
-    max_tokens: int | None = None,
-    full_eval_seconds: float | None = None,
-    fisher: str = "rademacher",
-    seed: int = 0,
-    progress: Callable[[int], None] | None = None,
-) -> SensitivityTable:
-    """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
-
-    Uses the evaluator's first ``max_batches`` batches (all by default), and of them the first windows that hold
-    ``max_tokens`` scored tokens (all by default), in backward passes of at most :func:`~qsweep.memory.proxy_pass_tokens` tokens. The cost
-    is counted by work (:func:`proxy_cost_evals`); ``full_eval_seconds`` (one full evaluation of the split, when the
-    caller has it) only adds the wall-clock equivalent to ``info`` (``wall_evals``). ``fisher``: ``rademacher`` or
-    ``batch`` (module docstring); ``seed`` seeds the random signs. ``progress(tokens)`` is called after each pass
-    with the scored tokens read so far.
-    Leaves ``base_plan`` applied and every ``requires_grad`` flag as it was.
-    """
-    _check_base(space, base_plan)
-    if fisher not in FISHER_ESTIMATORS:
-        raise ValueError(f"unknown fisher estimator {fisher!r}; valid: {', '.join(FISHER_ESTIMATORS)}")
-    model, table = applier.model, applier.table
-    start = time.perf_counter()
-    applier.apply_(base_plan)
-    params = dict(model.named_parameters())
-    owner = {p.name: (u, p.channel_dim) for u in space.searchable for p in table[u].params}
-    moves = {u: [f for f in space.choices[u] if f != base_plan[u]] for u in space.searchable}
-    flags = {n: p.requires_grad for n, p in params.items()}
-    n_batches = evaluator.n_batches if max_batches is None else max(1, min(max_batches, evaluator.n_batches))
-    device = next(iter(params.values())).device
-    # per (unit, format): sum over passes of g.dW and of r^2.dW^2 (float64 scalars on the device, no sync)
-    first = {(u, f): torch.zeros((), dtype=torch.float64, device=device) for u in moves for f in moves[u]}
-    second = {k: torch.zeros_like(v) for k, v in first.items()}
-    gen = torch.Generator().manual_seed(seed)
-    nll_sum, n_tokens, n_passes = 0.0, 0, 0
-    state = {"terms": ()}
-
-    @torch.no_grad()
-    def contract(p: torch.Tensor) -> None:
-        """Fold one parameter's gradient into the (unit, format) sums as soon as backward makes it, then drop it:
-        the gradients of the whole model never exist at once, nor does more than one quantized tensor. Each sum is
-        a dot product of flat fp32 vectors (``sum(g^2 dW^2)`` is ``|g * dW|^2``), so a format costs its quantized
-        weights and dW, temporaries of the parameter's size that never enter the plan cache."""
-        name = names_of[id(p)]
-        u, channel_dim = owner[name]
-        grad = p.grad.detach().float().reshape(-1)
-        w = p.detach().float().reshape(-1)
-        p.grad = None
-        for f in moves[u]:
-            dw = applier.quantized(name, channel_dim, f, keep=False).float().reshape(-1).sub(w)
-            if "first" in state["terms"]:
-                first[(u, f)] += torch.dot(grad, dw)
-            if "second" in state["terms"]:
-                gdw = dw.mul_(grad)
-                second[(u, f)] += torch.dot(gdw, gdw)
-            del dw
-
-    names_of = {id(params[n]): n for n in owner}
-    hooks = []
-    checkpoint = _needs_checkpointing(evaluator, model)
-    pass_tokens = proxy_pass_tokens(evaluator.device)
-    # on the CPU, large tensors are their own mappings meanwhile (see large_tensors_outside_the_heap)
-    with large_tensors_outside_the_heap() if device.type == "cpu" else contextlib.nullcontext():
-        try:
-            for p in params.values():
-                p.requires_grad_(False)
-            for n in owner:
-                params[n].requires_grad_(True)
-                hooks.append(params[n].register_post_accumulate_grad_hook(contract))
-            for i in range(n_batches):
-                for rows in evaluator.batch_rows(i, pass_tokens):
-                    if max_tokens is not None and n_tokens >= max_tokens:
-                        break
-                    nll = evaluator.batch_nll(model, i, rows, checkpoint=checkpoint)  # [M]
-                    loss = nll.sum()
-                    if fisher == "rademacher":
-                        state["terms"] = ("first",)
-                        loss.backward(retain_graph=True)
-                        signs = (
-                            torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1
-                        )  # [M]
-                        state["terms"] = ("second",)
-                        (signs * nll).sum().backward()
-                    else:
-                        state["terms"] = ("first", "second")
-                        loss.backward()
-                    nll_sum += float(loss.detach())
-                    n_tokens += nll.numel()
-                    n_passes += 1
-                    del nll, loss
-                    if progress is not None:
-                        progress(n_tokens)
-        finally:
-            for h in hooks:
-                h.remove()
-            for n, p in params.items():
-                p.grad = None
-                p.requires_grad_(flags[n])
-    deltas = {k: float(first[k]) / n_tokens + 0.5 * float(second[k]) / n_tokens for k in first}
-    seconds = time.perf_counter() - start
-    return SensitivityTable(
-        kind="proxy",
-        base_plan=base_plan,
-        split=split,
-        n_tokens=n_tokens,
-        rows=_rows(applier, space, base_plan, deltas),
-        cost_evals=proxy_cost_evals(n_tokens, evaluator.n_tokens, fisher, checkpoint),
-        seconds=seconds,
-        base_perplexity=math.exp(nll_sum / n_tokens),
-        info={
-            "method": "weight-space Taylor: g.dW + 0.5 * diag(empirical Fisher).dW^2",
-            "fisher": fisher,
-            "batches": n_batches,
-            "batches_total": evaluator.n_batches,
-            "backward_passes": n_passes,
-            "checkpointed": checkpoint,
-            "full_eval_seconds": full_eval_seconds,
-            "cost_model": "tokens read / the split's x (1 forward + per backward pass: 2, +1 recomputed forward "
-            "when checkpointed)",
-            "wall_evals": None if full_eval_seconds is None else seconds / full_eval_seconds,
-        },
+        degradation=degradation,
     )
 
 
@@ -345,15 +167,26 @@ def measured_table(
     prefix_cache: bool = True,
     max_tokens: int | None = None,
     progress: Callable[[str, str, float], None] | None = None,
+    degradation: str = "perplexity",
 ) -> SensitivityTable:
     """:func:`measure_sensitivity` on a session's model and ``split`` (default ``eval.search_split``), departing
     from the session's baseline plan (see :func:`sensitivity_base`). A compiled evaluator runs uncached.
 
     ``max_tokens``: measure on the split's first ``max_tokens`` tokens only (multi-fidelity: a noisier table at a
-    fraction of the cost); the cost stays in full evaluations of the whole split (scaled by the tokens' share)."""
+    fraction of the cost); the cost stays in full evaluations of the whole split (scaled by the tokens' share).
+    ``degradation`` ``kld``: rows of KL from the baseline's distribution (on a token subsample, the baseline is
+    evaluated there first to record it: one more evaluation of the subsample, counted)."""
     split = _split(session, split)
     full = session.evaluator(split)
     ev = full if max_tokens is None or max_tokens >= full.n_tokens else full.first_tokens(int(max_tokens))
+    extra = 0.0
+    if degradation == "kld":
+        if ev is full:
+            session.baseline(split)  # records the split's reference (once per session)
+        else:
+            session.applier.apply_(session.baseline_plan)
+            ev.evaluate(session.applier.model, record_reference=True)
+            extra = 1.0
     base = sensitivity_base(space, session.baseline_plan)
     table = measure_sensitivity(
         session.applier,
@@ -363,11 +196,12 @@ def measured_table(
         split=split,
         prefix_cache=prefix_cache and not ev.compile,
         progress=progress,
+        degradation=degradation,
     )
     if ev is full:
         return table
     share = ev.n_tokens / full.n_tokens
-    return dataclasses.replace(table, cost_evals=table.cost_evals * share,
+    return dataclasses.replace(table, cost_evals=(table.cost_evals + extra) * share,
                                info={**table.info, "tokens": ev.n_tokens, "tokens_of_split": full.n_tokens})  # fmt: skip
 
 
@@ -381,9 +215,10 @@ def proxy_table(
     fisher: str = "rademacher",
     full_eval_seconds: float | None = None,
     progress: Callable[[int], None] | None = None,
+    degradation: str = "perplexity",
 ) -> SensitivityTable:
     """:func:`proxy_sensitivity` on a session's model and ``split`` (default ``eval.search_split``), departing
-    from the session's baseline plan."""
+    from the session's baseline plan; ``degradation`` ``kld``: the KL proxy (module docstring)."""
     split = _split(session, split)
     base = sensitivity_base(space, session.baseline_plan)
     return proxy_sensitivity(
@@ -397,4 +232,5 @@ def proxy_table(
         full_eval_seconds=full_eval_seconds,
         fisher=fisher,
         progress=progress,
+        degradation=degradation,
     )

@@ -2,7 +2,8 @@
 
 One record type for both kinds of table (``measured`` and ``proxy``; see qsweep.search.sensitivity, which computes
 them and re-exports these names). A row holds ``delta_nll_per_token`` (mean per-token log-perplexity change vs the
-base plan; ``inf`` for a plan that failed to evaluate, written as null), ``degradation = expm1(delta)`` and the
+base plan; ``inf`` for a plan that failed to evaluate, written as null; in a table of ``degradation`` ``kld``, the
+mean per-token KL(baseline || plan) change instead: qsweep.score.Degradation), ``degradation = expm1(delta)`` and the
 unit's bytes in that format under both accountings (``model_size_bytes``: ``seed``, numel x bits / 8;
 ``packed_size_bytes``: codes plus scales). A table carries its split, token count, base perplexity and cost (full
 evaluations of the split, counted by work; ``info`` holds its wall time too), and saves to a versioned JSON file that :meth:`SensitivityTable.load`
@@ -17,19 +18,27 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsweep.errors import QsweepError, read_json_file
 from qsweep.formats import get_format
 from qsweep.plan import Plan
+from qsweep.score import DEGRADATIONS
 from qsweep.units import Unit
+
+if TYPE_CHECKING:
+    from qsweep.apply import PlanApplier
+    from qsweep.search.space import SearchSpace
 
 __all__ = [
     "KINDS",
     "SensitivityError",
     "SensitivityRow",
     "SensitivityTable",
+    "check_base",
     "rank_correlation",
+    "sensitivity_base",
+    "table_rows",
     "unit_bytes",
 ]
 
@@ -94,10 +103,15 @@ class SensitivityTable:
     seconds: float
     base_perplexity: float | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
+    degradation: str = "perplexity"  # what the deltas measure (qsweep.score.Degradation): perplexity or kld
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise SensitivityError(f"unknown sensitivity kind {self.kind!r}; valid: {', '.join(KINDS)}")
+        if self.degradation not in DEGRADATIONS:
+            raise SensitivityError(
+                f"unknown sensitivity degradation {self.degradation!r}; valid: {', '.join(DEGRADATIONS)}"
+            )
         object.__setattr__(self, "rows", tuple(self.rows))
         index = {(r.unit, r.format): r for r in self.rows}
         if len(index) != len(self.rows):
@@ -134,6 +148,7 @@ class SensitivityTable:
         return {
             "version": TABLE_VERSION,
             "kind": self.kind,
+            "degradation": self.degradation,
             "split": self.split,
             "n_tokens": self.n_tokens,
             "cost_evals": self.cost_evals,
@@ -169,6 +184,7 @@ class SensitivityTable:
                 seconds=float(raw["seconds"]),
                 base_perplexity=raw.get("base_perplexity"),
                 info=raw.get("info") or {},
+                degradation=str(raw.get("degradation", "perplexity")),
             )
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, SensitivityError):
@@ -210,3 +226,29 @@ def rank_correlation(a: SensitivityTable, b: SensitivityTable) -> float:
         raise ValueError(f"rank correlation needs at least 3 common non-base rows, got {len(pairs)}")
     xs, ys = zip(*pairs, strict=True)
     return float(spearmanr(xs, ys).statistic)
+
+
+def sensitivity_base(space: SearchSpace, baseline: Plan) -> Plan:
+    """The plan rows depart from: each unit in the baseline's format where its menu allows it, else (fixed units,
+    or a menu without the baseline's format) in its first menu format."""
+    return Plan({u: baseline[u] if baseline[u] in c else c[0] for u, c in space.choices.items()})
+
+
+def check_base(space: SearchSpace, base_plan: Plan) -> None:
+    """A table's base plan must put every unit in a format its menu allows."""
+    bad = [u for u, c in space.choices.items() if base_plan[u] not in c]
+    if bad:
+        raise SensitivityError(
+            f"base plan puts unit {bad[0]!r} in {base_plan[bad[0]]!r}, which its menu does not allow "
+            f"({', '.join(space.choices[bad[0]])}); use sensitivity_base(space, baseline)"
+        )
+
+
+def table_rows(applier: PlanApplier, space: SearchSpace, base_plan: Plan, deltas: Mapping) -> tuple:
+    """One row per (unit, format) of ``space``: its delta (0 for the base format) and its bytes."""
+    table = applier.table
+    return tuple(
+        SensitivityRow(u, f, 0.0 if f == base_plan[u] else deltas[(u, f)], *unit_bytes(table[u], f))
+        for u, c in space.choices.items()
+        for f in c
+    )

@@ -55,13 +55,18 @@ __all__ = [
 ]
 
 log = logging.getLogger("qsweep")
+_IDENTITY_DEFAULTS = {
+    "degradation": "perplexity"
+}  # identity keys added later, and what older studies ran with
 WORKER_ATTR = "qsweep:worker"  # trial system attribute: host:pid of the process that ran (or runs) the trial
 
 
 def default_study_name(cfg: DictConfig, search: SearchConfig) -> str:
+    suffix = "" if search.degradation == "perplexity" else f"-{search.degradation}"
     return (
         search.study_name
         or f"{cfg.model.name}-{cfg.data.name}-{cfg.eval.name}-{cfg.precision.name}-{search.name}-seed{search.seed}"
+        f"{suffix}"
     )
 
 
@@ -83,6 +88,7 @@ def study_identity(
         f"split={e.search_split} dtype={dtype or e.dtype}",
         "menu": f"{cfg.precision.name} ({hashlib.sha256(menu.encode()).hexdigest()[:12]})",
         "size_metric": search.size_metric,
+        "degradation": search.degradation,
         "baseline": f"plan={cfg.baseline.plan} perplexity={cfg.baseline.perplexity} "
         f"size_bytes={cfg.baseline.size_bytes} penalty={cfg.penalty}",
     }
@@ -114,7 +120,8 @@ def _check_identity(study: optuna.Study, identity: Mapping[str, str], url: str) 
         study.set_user_attr("identity", dict(identity))
         return
     for key, value in identity.items():
-        if stored.get(key) != value:
+        # a key a study made before it existed holds that key's default
+        if stored.get(key, _IDENTITY_DEFAULTS.get(key)) != value:
             raise ConfigError(
                 f"study {study.study_name!r} in {display_url(url)} was run with {key} {stored.get(key)!r}, this "
                 f"run has {value!r}: its trials are not comparable; use another search.study_name (or storage.url)"
