@@ -338,9 +338,11 @@ class Evaluator:
 
     def first_tokens(self, n: int) -> Evaluator:
         """The same protocol on the first ``n`` token ids only (a cheaper, noisier fidelity of this split)."""
-        return Evaluator(self._ids[:n], self._context, self._stride, batch_size=self._batch_size, dtype=self.dtype,
-                         logits_chunk=self.logits_chunk, device=self.device, compile=self.compile,
-                         kld=self.kld)  # fmt: skip
+        sub = Evaluator(self._ids[:n], self._context, self._stride, batch_size=self._batch_size, dtype=self.dtype,
+                        logits_chunk=self.logits_chunk, device=self.device, compile=self.compile,
+                        kld=self.kld)  # fmt: skip
+        sub.shared_heads = self.shared_heads  # a KL reference recorded on it shares this one's head copy
+        return sub
 
     @property
     def n_windows(self) -> int:

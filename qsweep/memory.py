@@ -5,7 +5,8 @@ the device, or in host memory with ``eval.pristine=cpu``), a cache of quantized 
 ``eval.cache_mb``, and the activations of one batch of ``eval.batch_size`` windows of ``eval.context`` tokens (an
 evaluation keeps one layer's tensors alive at a time and at most ``logits_chunk`` rows of logits; the proxy
 sensitivity's backward pass keeps one hidden state per layer, layers checkpointed). :func:`estimate_memory` adds
-these up; :func:`check_fits` refuses, in one line naming the settings that lower it, a run that cannot fit.
+these up; :func:`check_fits` refuses, in one line naming the settings that lower it, a run that cannot fit. The KL
+reference (qsweep.heads: ``eval.kld``) is checked per split once its tokens are known (:func:`check_reference_fits`).
 The estimate is deliberately simple (a few named terms, within about 20% of what ``python -m qsweep.bench.scale``
 measures); allocator overheads are covered by a margin.
 
@@ -34,6 +35,7 @@ __all__ = [
     "available_bytes",
     "cache_bytes_for",
     "check_fits",
+    "check_reference_fits",
     "estimate_memory",
     "is_out_of_memory",
     "large_tensors_outside_the_heap",
@@ -250,6 +252,23 @@ def check_fits(est: MemoryEstimate) -> None:
                 f"this run keeps a pristine copy of {est.host_bytes / GIB:.1f} GiB in host memory "
                 f"(eval.pristine=cpu) but {said}; use eval.pristine=device or a machine with more memory"
             )
+
+
+def check_reference_fits(config, device: torch.device, tokens: int, dtype: torch.dtype, *, with_head: bool,
+                         split: str) -> int:  # fmt: skip
+    """The KL reference of one split (qsweep.heads: its scored tokens' final hidden states, and the first time a
+    copy of the baseline's lm_head), refused in one line when ``device`` has not that much free; returns its
+    bytes. Not in :func:`estimate_memory`, which runs before the splits' token counts are known."""
+    s = _shape(config)
+    need = (tokens + (s["vocab"] if with_head else 0)) * s["hidden"] * _size(dtype)
+    have, said = available_bytes(device)
+    if MARGIN * need > have:
+        raise ResourceError(
+            f"the KL reference of split {split!r} ({tokens:,} scored tokens x {s['hidden']:,} hidden values"
+            f"{', and a copy of the lm_head' if with_head else ''}, {dtype}) needs {need / GIB:.2f} GiB on {device} "
+            f"but {said}; use eval.kld=false (perplexity only, no KL metrics) or fewer tokens (eval.max_tokens)"
+        )
+    return need
 
 
 def split_across_gpus(est: MemoryEstimate, free: list[int]) -> dict[int, int]:

@@ -68,27 +68,37 @@ def plot_study_front(points: Sequence[Mapping], chosen: Mapping | None, baseline
 
 
 def plot_front(
-    points: Sequence[Mapping], entries: Sequence[Mapping], size_key: str, title: str, path: Path | BinaryIO
+    points: Sequence[Mapping],
+    entries: Sequence[Mapping],
+    size_key: str,
+    title: str,
+    path: Path | BinaryIO,
+    loss_key: str = "perplexity",
 ) -> Path | BinaryIO:
-    """Size (MB) vs search-split perplexity: ``points`` (every trial's search record, with ``enqueued_as``),
-    the candidates (``entries``) as a line, and the reference plans labelled."""
+    """Size (MB) vs the search-split loss a study minimises (``loss_key``: ``perplexity``, or ``kld_mean``):
+    ``points`` (every trial's search record, with ``enqueued_as``), the candidates (``entries``) as a line, and the
+    reference plans labelled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.scatter([p[size_key] / 1e6 for p in points], [p["perplexity"] for p in points], s=12, color="0.7",
+    ax.scatter([p[size_key] / 1e6 for p in points], [p[loss_key] for p in points], s=12, color="0.7",
                label=f"trials ({len(points)})")  # fmt: skip
     front = sorted(entries, key=lambda e: e["search"][size_key])
-    ax.plot([e["search"][size_key] / 1e6 for e in front], [e["search"]["perplexity"] for e in front], "o-",
+    ax.plot([e["search"][size_key] / 1e6 for e in front], [e["search"][loss_key] for e in front], "o-",
             color="tab:red", markersize=5, label="candidates: Pareto set / top-k (search split)")  # fmt: skip
     refs = [p for p in points if p.get("enqueued_as")]
     for p in refs:
-        x, y = p[size_key] / 1e6, p["perplexity"]
+        x, y = p[size_key] / 1e6, p[loss_key]
         ax.scatter([x], [y], marker="s", s=36, color="tab:blue", zorder=3)
         ax.annotate(p["enqueued_as"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     if refs:
         ax.scatter([], [], marker="s", color="tab:blue", label="uniform / enqueued plans")
-    ax.set_yscale("log")
+    if loss_key == "perplexity":
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (search split)")
+    else:  # the baseline's KL is 0: linear near it
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_ylabel("mean KL(baseline || plan), nats per token (search split)")
     ax.set_xlabel(f"{size_key.removesuffix('_bytes').replace('_', ' ')} (MB)")
-    ax.set_ylabel("perplexity (search split)")
     return _finish(fig, ax, title, path)
 
 

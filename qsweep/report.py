@@ -21,7 +21,7 @@ from pathlib import Path
 
 from qsweep.plan import Plan
 from qsweep.plots import plot_front, plot_interactions
-from qsweep.score import RECORD_FIELDS
+from qsweep.score import RECORD_FIELDS, Degradation
 
 __all__ = ["CSV_FIELDS", "candidate_entry", "csv_row", "write_reports"]
 
@@ -85,7 +85,8 @@ def write_reports(
     results = {**summary, "candidates": list(entries)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     try:
-        plot_front(points, entries, size_key, title, out_dir / "pareto.png")
+        loss = Degradation(summary.get("degradation", "perplexity")).objective_key
+        plot_front(points, entries, size_key, title, out_dir / "pareto.png", loss_key=loss)
         if interactions:
             plot_interactions(interactions, title, out_dir / "interactions.png")
     except ImportError:

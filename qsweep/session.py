@@ -40,6 +40,7 @@ from qsweep.families import resolve_for_model
 from qsweep.memory import (
     ResourceError,
     check_fits,
+    check_reference_fits,
     estimate_memory,
     is_out_of_memory,
     out_of_memory_message,
@@ -285,6 +286,11 @@ class EvalSession:
     def baseline(self, split: str) -> EvalResult:
         """The baseline plan on ``split``, evaluated once; its distribution becomes the split's KL reference."""
         if split not in self._baseline:
+            ev = self.evaluator(split)
+            if ev.kld:
+                head = self.model.get_output_embeddings().weight
+                check_reference_fits(self.model.config, self.device, ev.n_tokens, head.dtype,
+                                     with_head=not self._kld_heads, split=split)  # fmt: skip
             self._baseline[split] = self.evaluate(self.baseline_plan, split, record_reference=True)
             if not self._baseline[split].ok:
                 raise RuntimeError(

@@ -251,3 +251,15 @@ def test_bad_kl_settings_are_one_line_errors(override, message, tmp_path):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
         run_search(cfg, tmp_path)
     assert not list(tmp_path.glob("*.db"))  # refused before a study is stored
+
+
+def test_a_table_of_the_other_degradation_cannot_steer_a_search():
+    from qsweep.search.config import search_config
+    from qsweep.search.phases import run_phases
+
+    search = search_config({"name": "nsga2", "sampler": "nsga2", "degradation": "kld"})
+    table = SimpleNamespace(degradation="perplexity", cost_evals=1.0, kind="proxy")
+    with pytest.raises(
+        ConfigError, match=r"table of perplexity cannot steer a search of search\.degradation=kld"
+    ):
+        run_phases(None, None, None, None, search, table)

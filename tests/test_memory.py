@@ -219,6 +219,29 @@ def test_a_run_that_cannot_fit_is_refused_in_one_line_naming_what_lowers_it(monk
     check_fits(est)  # fits: nothing raised
 
 
+def test_the_kl_reference_is_refused_in_one_line_when_the_device_cannot_hold_it(monkeypatch):
+    """An 8B Llama's reference on 300k tokens: 300k x 4,096 bf16 hidden values plus a 128k x 4,096 head copy."""
+    from transformers import LlamaConfig
+
+    import qsweep.memory as memory
+
+    conf = LlamaConfig(hidden_size=4096, vocab_size=128256)
+    cuda = torch.device("cuda:0")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (2 * GIB, f"{device} has 2.0 GiB free"))
+    with pytest.raises(ResourceError) as err:
+        memory.check_reference_fits(conf, cuda, 300_000, torch.bfloat16, with_head=True, split="validation")
+    line = str(err.value)
+    want = (300_000 + 128256) * 4096 * 2
+    assert "\n" not in line and f"needs {want / GIB:.2f} GiB on cuda:0 but cuda:0 has 2.0 GiB free" in line
+    assert "300,000 scored tokens x 4,096 hidden values, and a copy of the lm_head" in line
+    assert "eval.kld=false" in line and "eval.max_tokens" in line
+    # the second split shares the head copy: 2.29 GiB, which fits in 3
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (3 * GIB, "3 GiB"))
+    assert memory.check_reference_fits(
+        conf, cuda, 300_000, torch.bfloat16, with_head=False, split="test"
+    ) == (300_000 * 4096 * 2)
+
+
 def test_a_session_refuses_before_loading_when_the_host_cannot_hold_it(tmp_path, monkeypatch):
     import qsweep.memory as memory
     import qsweep.session as session_module

@@ -283,3 +283,21 @@ def test_session_tables_on_the_bundled_model(tmp_path):
     assert half.cost_evals == pytest.approx(measured.cost_evals * sub.n_tokens / full_ev.n_tokens)
     first = session.evaluate(measured.base_plan, "validation")
     assert half.base_perplexity != pytest.approx(first.perplexity, rel=1e-6)  # measured on fewer tokens
+    # a KL table on the subsample: its own reference (the baseline there, one more evaluation of it, counted), the
+    # session's one head copy shared; a row is the KL of that one-unit plan on those tokens
+    session.baseline("validation")
+    kl = measured_table(session, space, max_tokens=256, degradation="kld")
+    assert kl.degradation == "kld" and len(session._kld_heads) == 1
+    assert kl.cost_evals == pytest.approx(half.cost_evals + sub.n_tokens / full_ev.n_tokens)
+    sub.shared_heads = session._kld_heads
+    session.applier.apply_(session.baseline_plan)
+    sub.evaluate(session.model, record_reference=True)
+    kld = {}
+    for name, plan in (
+        ("base", measured.base_plan),
+        ("one", Plan({**measured.base_plan.formats, "h.5.mlp": "int4"})),
+    ):
+        session.applier.apply_(plan)  # the table's base plan keeps the norms in fp32, the baseline in fp16
+        kld[name] = float(sub.evaluate(session.model).token_kld.double().sum()) / sub.n_tokens
+    want = kld["one"] - kld["base"]
+    assert kl.delta("h.5.mlp", "int4") == pytest.approx(want, rel=1e-5) and want > 0

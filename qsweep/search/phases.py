@@ -228,6 +228,9 @@ def run_phases(
     if deadline is None and search.timeout_s is not None:
         deadline = time.monotonic() + search.timeout_s
     budget = trial_budget(search.n_trials, table.cost_evals if table is not None else 0.0)
+    if table is not None and table.degradation != search.degradation:
+        raise ConfigError(f"a sensitivity table of {table.degradation} cannot steer a search of "
+                          f"search.degradation={search.degradation}")  # fmt: skip
     if table is None:
         optimize(study, objective, budget, _left(deadline))
         return budget

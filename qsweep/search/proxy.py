@@ -100,8 +100,9 @@ def proxy_sensitivity(
 ) -> SensitivityTable:
     """Score every (unit, format) of ``space`` from one forward+backward pass (see module docstring).
 
-    Uses the evaluator's first ``max_batches`` batches (all by default), and of them the first windows that hold
-    ``max_tokens`` scored tokens (all by default), in backward passes of at most :func:`~qsweep.memory.proxy_pass_tokens` tokens. The cost
+    Uses the evaluator's first ``max_batches`` batches (all by default), in backward passes of at most
+    :func:`~qsweep.memory.proxy_pass_tokens` tokens, until ``max_tokens`` scored tokens are read (all by default;
+    the last pass is whole, so it may read past ``max_tokens``: the table's ``n_tokens`` says what it read). The cost
     is counted by work (:func:`proxy_cost_evals`); ``full_eval_seconds`` (one full evaluation of the split, when the
     caller has it) only adds the wall-clock equivalent to ``info`` (``wall_evals``). ``fisher``: ``rademacher`` or
     ``batch`` (module docstring); ``seed`` seeds the random signs. ``progress(tokens)`` is called after each pass

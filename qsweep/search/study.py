@@ -121,9 +121,10 @@ def _check_identity(study: optuna.Study, identity: Mapping[str, str], url: str) 
         return
     for key, value in identity.items():
         # a key a study made before it existed holds that key's default
-        if stored.get(key, _IDENTITY_DEFAULTS.get(key)) != value:
+        was = stored.get(key, _IDENTITY_DEFAULTS.get(key))
+        if was != value:
             raise ConfigError(
-                f"study {study.study_name!r} in {display_url(url)} was run with {key} {stored.get(key)!r}, this "
+                f"study {study.study_name!r} in {display_url(url)} was run with {key} {was!r}, this "
                 f"run has {value!r}: its trials are not comparable; use another search.study_name (or storage.url)"
             )
 
@@ -373,6 +374,8 @@ def progress_bar(
         if done is None:
             bar.close()
         elif done != bar.n:
+            if done > bar.total:  # work that ends on a whole step past the total (the proxy's last pass)
+                bar.total = done
             bar.update(done - bar.n)
 
     return update

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 
 from qsweep.plan import Plan
+from qsweep.score import Degradation
 from qsweep.search.allocate import EXACT, Allocation, Allocator
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
@@ -66,7 +67,8 @@ def allocator_plans(
         out[f"allocator:{len(out)}"] = a
         if len(out) == n_plans:
             break
-    log.info("warm start: %d allocator plans from the %s sensitivity table; best predicted fitness_%s %.4f "
-             "(%d bytes, predicted degradation %+.2f%%)", len(out), table.kind, size_metric,
+    log.info("warm start: %d allocator plans from the %s sensitivity table; best predicted %s %.4f "
+             "(%d bytes, predicted degradation %+.2f%%)", len(out), table.kind,
+             Degradation(table.degradation).fitness_key(size_metric),
              best.fitness(baseline_bytes, penalty), best.size_bytes, 100 * best.predicted_degradation)  # fmt: skip
     return out
