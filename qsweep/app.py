@@ -229,6 +229,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
                 budget = trial_budget(search.n_trials)
             else:
                 budget = run.run(session, table, deadline=deadline)
+            interrupts.check()  # a Ctrl-C that Python discarded on the way (qsweep.interrupts)
         except KeyboardInterrupt:
             line = (f"interrupted with {spent(study) + spent_on_table:.2f} of {search.n_trials} evaluations spent "
                     f"({count_done(study)} trials done); the study is stored. Resume with: "
@@ -275,6 +276,10 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
     best = choose(verified, search.select, search.size_metric, session.penalty, deg)
     search_best = choose(verified, "fitness", search.size_metric, session.penalty, deg)
     entries = [candidate_entry_of(v) for v in verified]
+    vs_uniform = None
+    if session.pinned_perplexity is None:
+        vs_uniform = best_vs_uniform(best, trials, session.baseline, score_report, search.size_metric, deg,
+                                     search.max_degradation)  # fmt: skip
     summary = {
         "study_name": name,
         "storage": display_url(url),
@@ -313,9 +318,7 @@ def run_search(cfg: DictConfig, out_dir: Path) -> dict:
             best, search_best, search.select, search.size_metric, session.penalty, deg
         ),
         "best_plan": None if best is None else str(out_dir / "best_plan.yaml"),
-        "best_vs_uniform": None
-        if session.pinned_perplexity is not None
-        else best_vs_uniform(best, trials, session.baseline, score_report, search.size_metric, deg),
+        "best_vs_uniform": vs_uniform,
         "n_trials": search.n_trials,
         "command": reproduce_command(_task_overrides()),
         "resume_command": resume_command(_task_overrides(), url, name),

@@ -27,6 +27,7 @@ __all__ = [
     "check_known_keys",
     "compose_config",
     "composition_error",
+    "group_options",
     "register_configs",
 ]
 
@@ -151,7 +152,8 @@ def _groups() -> list[str]:
     return sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir() and p.name != "hydra")
 
 
-def _group_options(group: str) -> list[str]:
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group`` (conf/GROUP/*.yaml), sorted."""
     from qsweep.paths import config_dir
 
     return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
@@ -227,8 +229,10 @@ def composition_error(exc: BaseException, overrides: Sequence[str] = ()) -> Conf
         group = key.partition(".")[0]
         if parent_exists and not beside:  # an empty mapping (plan.units): keys are added with +
             valid = f"; to add it there, use +{key}=VALUE"
+        elif parent_exists and group == "search" and "search.name" not in beside:  # +search.X= alone made it
+            valid = f"; no search is selected: choose one with +search=OPTION ({', '.join(group_options('search'))}) first"
         elif not parent_exists and "." in key and group in _groups():
-            options = _group_options(group)
+            options = group_options(group)
             valid = f"; no {group} is selected: choose one with +{group}=OPTION ({', '.join(options)}) first"
         return ConfigError(f"unknown config key {key!r}{did_you_mean(key, beside)}{valid}")
     if m and cause:

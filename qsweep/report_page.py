@@ -146,7 +146,8 @@ def _verdict(results: Mapping | None, interrupted: str | None, run_dir: Path | N
         text, ok = "No plan was evaluated successfully.", False
     elif vs is None:
         text, ok = (
-            "No comparison with a uniform plan (none evaluated, or the baseline perplexity is pinned).",
+            "No comparison with a uniform plan (none evaluated or within search.max_degradation, or the baseline "
+            "perplexity is pinned).",
             False,
         )
     elif vs["best_is_uniform"]:
@@ -212,7 +213,7 @@ def _sensitivity_html(
 _PASSWORD = re.compile(r"(\w[\w+.-]*://[^:/@\s]+:)[^@\s]+@")  # scheme://user:PASSWORD@
 # a word a shell takes as it is (< > only as qsweep writes them); a path from the root or home, not inside a word
 _PLAIN = re.compile(r"[\w@%+=:,./<>~*\[\]-]+")
-_ABSOLUTE = re.compile(r"(?<![\w.:/<>])(?:~|/)[^\s'\"(),]*")
+_ABSOLUTE = re.compile(r"(?<![\w.:/<>])(?:~|/)[^\s'\"(),]+")
 
 
 def _scrub(text: str, run_dir: Path | None, command: bool = True) -> str:

@@ -186,6 +186,8 @@ def test_bad_input_is_one_error_line(tmp_path, tiny_dirs, override, message):
          "unknown config key 'search.n_trails' (did you mean search.n_trials, "),
         (["search.n_trails=5"],
          "unknown config key 'search.n_trails'; no search is selected: choose one with +search=OPTION (gp, nsga2, "),
+        (["+search.degradation=kld", "search.n_trials=8"],  # + made a search node of one key, not a search
+         "unknown config key 'search.n_trials'; no search is selected: choose one with +search=OPTION (gp, nsga2, "),
         (["eval.contxt=3"], "unknown config key 'eval.contxt' (did you mean eval.context"),
         (["+serch=nsga2"], "unknown config key 'serch' (did you mean search?)"),  # + adds keys Hydra would keep
         (["+model.nme=x"], "unknown config key 'model.nme' (did you mean model.name"),

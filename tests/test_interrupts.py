@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -94,3 +95,29 @@ def test_the_resume_command_pins_the_study_and_never_prints_a_password():
     assert shlex.split(command) == ["python", "-m", "qsweep", "+search=nsga2", "storage=postgres",
                                     "search.study_name=s2"]  # fmt: skip
     assert hint == "with QSWEEP_STORAGE_URL set to postgresql+psycopg2://u:***@db:5432/q, password included)"
+
+
+def test_a_signal_whose_exception_python_discarded_is_raised_at_the_next_checkpoint():
+    """A KeyboardInterrupt raised inside a garbage-collection or weakref callback is printed and dropped by Python;
+    the signal is remembered, so the next checkpoint (allowed, deferred's exit, check) raises it, and only once."""
+
+    def swallowed_signal():
+        # the handler raises in os.kill, as it would inside a GC callback, where Python discards the exception
+        with contextlib.suppress(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with interrupts.handling():
+        swallowed_signal()
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred(), interrupts.allowed():
+            pytest.fail("allowed() should raise the discarded signal first")
+        interrupts.check()  # raised once: nothing pending now
+        swallowed_signal()
+        with pytest.raises(KeyboardInterrupt):
+            interrupts.check()
+        with interrupts.deferred(), interrupts.allowed():
+            pass  # nothing pending
+    # a signal that propagated out of the handled block is not raised again by the next one
+    with pytest.raises(KeyboardInterrupt), interrupts.handling():
+        os.kill(os.getpid(), signal.SIGINT)
+    with interrupts.handling():
+        interrupts.check()

@@ -253,6 +253,14 @@ def test_bad_kl_settings_are_one_line_errors(override, message, tmp_path):
     assert not list(tmp_path.glob("*.db"))  # refused before a study is stored
 
 
+def test_a_search_key_set_without_a_search_names_the_fix():
+    from qsweep.search.config import search_config
+
+    with pytest.raises(ConfigError, match=r"no search is selected \(search\.degradation was set alone\): choose one "
+                       r"with \+search=OPTION \(gp, nsga2, random, tpe\) first"):  # fmt: skip
+        search_config({"degradation": "kld"})
+
+
 def test_a_table_of_the_other_degradation_cannot_steer_a_search():
     from qsweep.search.config import search_config
     from qsweep.search.phases import run_phases

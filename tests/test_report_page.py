@@ -205,6 +205,8 @@ def test_plan_grids_and_paths_are_read_from_any_family():
         _scrub("python -m qsweep plan_file=best_plan.yaml", Path("."))
         == "python -m qsweep plan_file=best_plan.yaml"
     )
+    # a lone slash between words is no path (the identity table's "sampler / objective / seed")
+    assert _scrub("nsga2 / multi / 0", None, command=False) == "nsga2 / multi / 0"
 
 
 def test_a_seed_size_metric_study_draws_its_page(finished):

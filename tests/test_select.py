@@ -166,3 +166,44 @@ def test_the_lower_bound_rule_prefers_the_plan_whose_loss_is_known_best():
     assert choose(vs, "lcb", "packed", 10.0).candidate.trial == 1
     assert choose(vs, "fitness", "packed", 10.0).candidate.trial == 0
     assert choose([], "lcb", "packed", 10.0) is None
+
+
+def test_the_verdict_compares_with_the_best_uniform_plan_within_the_ceiling():
+    """A uniform plan over search.max_degradation is no reference (the user ruled it out); a chosen plan that is one
+    of the uniform plans is said to be, whichever it is."""
+    from qsweep.search.select import Candidate, Verified, best_vs_uniform
+
+    def uniform(number, fmt, fitness, degradation):
+        t = _trial(number, 10.0, 100, fitness=fitness, degradation=degradation, digest=f"u-{fmt}")
+        t.user_attrs["enqueued_as"] = f"uniform:{fmt}"
+        t.user_attrs["plan"] = json.dumps({"version": 1, "units": {"a": fmt}})
+        return t
+
+    trials = [uniform(0, "int4", 3.5, 0.06), uniform(1, "int8", 3.0, 0.02), _trial(2, 10.1, 80, fitness=3.2,
+              degradation=0.03, digest="mixed")]  # fmt: skip
+    ref = _score([30.0, 31.0], [10, 10], 20.0, 100)
+
+    def verified(trial):
+        return Verified(Candidate.of(trial), ref)
+
+    asked = []
+
+    def score(plan):
+        asked.append(plan)
+        raise StopIteration  # which plan the verdict scores is all this test needs
+
+    with pytest.raises(StopIteration):  # the mixed plan: compared with int8, not with the infeasible int4
+        best_vs_uniform(
+            verified(trials[2]), trials, lambda split: ref.result, score, "packed", max_degradation=0.05
+        )
+    with pytest.raises(StopIteration):  # without a ceiling, int4 is the best uniform plan
+        best_vs_uniform(verified(trials[2]), trials, lambda split: ref.result, score, "packed")
+    assert asked == [Plan({"a": "int8"}), Plan({"a": "int4"})]
+    got = best_vs_uniform(
+        verified(trials[1]), trials, lambda split: ref.result, score, "packed", max_degradation=0.05
+    )
+    assert got == {"uniform": "uniform:int8", "best_is_uniform": True, "difference": 0.0, "ci95": [0.0, 0.0]}
+    got = best_vs_uniform(verified(trials[1]), trials, lambda split: ref.result, score, "packed")
+    assert (
+        got["uniform"] == "uniform:int8" and got["best_is_uniform"]
+    )  # a uniform plan, if not the fittest one

@@ -80,6 +80,11 @@ class SearchConfig:
 
 def search_config(raw) -> SearchConfig:
     """Merge ``raw`` (cfg.search) into the schema and check every value; errors name the key."""
+    if "name" not in raw:  # ``+search.KEY=VALUE`` without ``+search=NAME``: a setting of no search
+        from qsweep.config import group_options
+
+        raise ConfigError(f"no search is selected (search.{next(iter(raw), 'KEY')} was set alone): choose one with "
+                          f"+search=OPTION ({', '.join(group_options('search'))}) first")  # fmt: skip
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(SearchConfig), raw)
         s: SearchConfig = OmegaConf.to_object(cfg)

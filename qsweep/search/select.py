@@ -238,22 +238,31 @@ def best_vs_uniform(
     score: Callable[[Plan], PlanScore],
     metric: str,
     degradation: Degradation = PERPLEXITY,
+    max_degradation: float | None = None,
 ) -> dict | None:
-    """The best plan against the best uniform plan (by search-split fitness), paired on the report split (``score``;
-    ``baseline(split)``: the baseline's result there), in the study's fitness; with ``degradation`` kld, in the
-    user's fitness too (``perplexity``)."""
+    """The best plan against the best feasible uniform plan (by search-split fitness; ``max_degradation``: the
+    study's ceiling), paired on the report split (``score``; ``baseline(split)``: the baseline's result there), in
+    the study's fitness; with ``degradation`` kld, in the user's fitness too (``perplexity``). A chosen plan that is
+    itself one of the uniform plans is said to be (``best_is_uniform``)."""
     deg = degradation
     fit = deg.fitness_key(metric)
     uniform = [
         t for t in evaluated_trials(trials)
         if t.user_attrs.get("enqueued_as", "").startswith("uniform:") and t.user_attrs.get(fit) is not None
     ]  # fmt: skip
-    if best is None or not uniform or not best.report.result.ok:
+    if best is None or not best.report.result.ok:
+        return None
+    same = next(
+        (t for t in uniform if t.user_attrs["plan_digest"] == best.candidate.search["plan_digest"]), None
+    )
+    if same is not None:
+        return {"uniform": same.user_attrs["enqueued_as"], "best_is_uniform": True, "difference": 0.0,
+                "ci95": [0.0, 0.0]}  # fmt: skip
+    uniform = [t for t in uniform if is_feasible(t.user_attrs, max_degradation, deg)]
+    if not uniform:
         return None
     ref = max(uniform, key=lambda t: t.user_attrs[fit])
     label = ref.user_attrs["enqueued_as"]
-    if ref.user_attrs["plan_digest"] == best.candidate.search["plan_digest"]:
-        return {"uniform": label, "best_is_uniform": True, "difference": 0.0, "ci95": [0.0, 0.0]}
     ref_score = score(Candidate.of(ref).plan)
     base = baseline(ref_score.split)
     diff, lo, hi = paired_fitness_difference(best.report, ref_score, base, metric, degradation=deg)
