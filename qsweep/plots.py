@@ -133,7 +133,8 @@ def _finish(fig, ax, title: str, path: Path | BinaryIO) -> Path | BinaryIO:
     """Title, grid and legend; save ``path`` (a PNG file at 120 dpi, or SVG to a binary stream); close the figure."""
     ax.set_title(title, fontsize=9)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[1]:  # an empty plot (a study stopped before any trial) has no legend
+        ax.legend(fontsize=8)
     fig.tight_layout()
     if isinstance(path, (str, Path)):
         fig.savefig(path, dpi=120)
