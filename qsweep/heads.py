@@ -150,9 +150,8 @@ def _chunk_kld(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, ref
     same = logq.argmax(-1) == logp.argmax(-1)
     logp = F.log_softmax(logp, dim=-1)
     diff = logq.neg_().add_(logp)  # log p - log q, in logq's buffer
-    kld = torch.einsum("ij,ij->i", logp.exp_(), diff).clamp_min(
-        0
-    )  # rounding leaves -1e-9 where the two agree
+    # rounding leaves -1e-9 where the two agree
+    kld = torch.einsum("ij,ij->i", logp.exp_(), diff).clamp_min(0)
     return nll, kld, same
 
 

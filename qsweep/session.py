@@ -224,9 +224,8 @@ class EvalSession:
                 kld=bool(e.get("kld", True)),
             )
             ev = self._evaluators[split]
-            ev.shared_heads = (
-                self._kld_heads
-            )  # every split's KL reference shares one copy of the baseline's head
+            # every split's KL reference shares one copy of the baseline's head
+            ev.shared_heads = self._kld_heads
             if ev.n_tokens < MIN_SCORED_TOKENS:
                 del self._evaluators[split]
                 raise ConfigError(
@@ -286,17 +285,21 @@ class EvalSession:
     def baseline(self, split: str) -> EvalResult:
         """The baseline plan on ``split``, evaluated once; its distribution becomes the split's KL reference."""
         if split not in self._baseline:
-            ev = self.evaluator(split)
-            if ev.kld:
-                head = self.model.get_output_embeddings().weight
-                check_reference_fits(self.model.config, self.device, ev.n_tokens, head.dtype,
-                                     with_head=not self._kld_heads, split=split)  # fmt: skip
+            self.check_reference_fits(self.evaluator(split), split)
             self._baseline[split] = self.evaluate(self.baseline_plan, split, record_reference=True)
             if not self._baseline[split].ok:
                 raise RuntimeError(
                     f"the baseline plan fails to evaluate on {split!r}: {self._baseline[split].error}"
                 )
         return self._baseline[split]
+
+    def check_reference_fits(self, ev: Evaluator, split: str) -> None:
+        """Refuse in one line a KL reference of ``ev`` (this session's model's, on ``split``) the device cannot
+        hold (:func:`qsweep.memory.check_reference_fits`); nothing to check with ``eval.kld=false``."""
+        if ev.kld:
+            head = self.model.get_output_embeddings().weight
+            check_reference_fits(self.model.config, self.device, ev.n_tokens, head.dtype,
+                                 with_head=not ev.shared_heads, split=split)  # fmt: skip
 
     def baseline_perplexity(self, split: str) -> float:
         """The pinned baseline perplexity, or the baseline plan's measured on ``split``."""

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import compose_config
-from test_sensitivity import evaluator, space_of, tiny4
+from test_sensitivity import evaluator, one_thread, space_of, tiny4  # noqa: F401 (one_thread: autouse fixture)
 
 from qsweep.apply import PlanApplier, apply_plan_
 from qsweep.errors import ConfigError
@@ -30,14 +30,6 @@ from qsweep.search.sensitivity import (
 )
 
 KLD = Degradation("kld")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _result(window_tokens, token_kld, window_nll=None) -> EvalResult:

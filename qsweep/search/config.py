@@ -43,9 +43,8 @@ class SearchConfig:
     # what the search calls a plan's loss (qsweep.score.Degradation): perplexity (the user's degradation) or kld
     # (expm1 of the mean KL(baseline || plan) per token: the perplexity increase on the baseline's own text)
     degradation: str = "perplexity"
-    max_degradation: float | None = (
-        None  # ceiling on that degradation, relative to the baseline: a constraint
-    )
+    # a ceiling on that degradation, relative to the baseline: a constraint
+    max_degradation: float | None = None
     top_k: int = 5  # single objective: how many of the best trials are re-scored on the report split
     # the reported plan among the candidates (qsweep.search.select): lcb, the best fitness with the degradation at
     # its 95% upper bound on the search split; fitness, the best point estimate

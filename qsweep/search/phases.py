@@ -112,11 +112,6 @@ def stored_or_new_sensitivity(
     stored = study.user_attrs.get("sensitivity")
     if stored is not None:
         table = SensitivityTable.from_dict(stored, f"study {study.study_name!r}: sensitivity table")
-        if (
-            table.degradation != degradation
-        ):  # the study's identity holds search.degradation: not reached by the app
-            raise ConfigError(f"study {study.study_name!r} stores a sensitivity table of {table.degradation}, this "
-                              f"run has search.degradation={degradation}; use another search.study_name")  # fmt: skip
         log.info("warm start: the study's %s sensitivity table (cost %.1f evaluations, paid before)", table.kind,
                  table.cost_evals)  # fmt: skip
         return table

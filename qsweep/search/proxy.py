@@ -174,13 +174,10 @@ def proxy_sensitivity(
                         model, i, rows, checkpoint=checkpoint, sample_seed=sample
                     )  # [M]
                     loss = nll.sum()
-                    if kld:
-                        state["terms"] = ("second",)
-                        signs = torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1
-                        (signs * nll).sum().backward()
-                    elif fisher == "rademacher":
-                        state["terms"] = ("first",)
-                        loss.backward(retain_graph=True)
+                    if fisher == "rademacher":  # the KL table has no first-order term, so no first backward
+                        if not kld:
+                            state["terms"] = ("first",)
+                            loss.backward(retain_graph=True)
                         signs = (
                             torch.randint(0, 2, nll.shape, generator=gen, device="cpu").to(nll) * 2 - 1
                         )  # [M]

@@ -184,12 +184,9 @@ def paired_fitness_difference(
     for r in (ra, rb):
         if not (r.ok and torch.equal(r.window_tokens, base.window_tokens)):
             raise ValueError("paired comparison needs both plans scored on the baseline's windows")
-    if degradation.kld:
-        if ra.window_kld is None or rb.window_kld is None:
-            raise ValueError("a KL comparison needs both plans scored against the baseline's distribution")
-        losses = [ra.window_kld, rb.window_kld, torch.zeros_like(ra.window_kld)]
-    else:
-        losses = [ra.window_nll, rb.window_nll, base.window_nll]
+    losses = [degradation.window_losses(r) for r in (ra, rb, base)]  # the baseline's KL: 0 per window
+    if any(x is None for x in losses):
+        raise ValueError("a KL comparison needs both plans scored against the baseline's distribution")
     loss = torch.stack(losses).double()  # [3, W]
     tokens = base.window_tokens.double()  # [W]
     n = tokens.numel()
@@ -204,8 +201,7 @@ def paired_fitness_difference(
     deg = ppl[:, :2] / ppl[:, 2:3] - 1  # [n_boot, 2]; the fitness clips it at 0
     comp = torch.tensor([a.compression(metric), b.compression(metric)], dtype=torch.float64)
     diff = fitness(comp, deg, a.penalty) @ torch.tensor([1.0, -1.0], dtype=torch.float64)  # [n_boot]
-    fit = (lambda s: s.kld_fitness(metric)) if degradation.kld else (lambda s: s.fitness(metric))
-    point = (fit(a) or 0.0) - (fit(b) or 0.0)
+    point = (degradation.fitness_of(a, metric) or 0.0) - (degradation.fitness_of(b, metric) or 0.0)
     lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     return point, lo, hi
 

@@ -40,7 +40,6 @@ from collections.abc import Callable
 
 from qsweep.apply import PlanApplier
 from qsweep.evaluate import Evaluator
-from qsweep.memory import check_reference_fits
 from qsweep.plan import Plan
 from qsweep.prefix import PrefixRunner
 from qsweep.search.proxy import FISHER_ESTIMATORS, proxy_cost_evals, proxy_sensitivity
@@ -185,11 +184,9 @@ def measured_table(
         if ev is full:
             session.baseline(split)  # records the split's reference (once per session)
         else:
-            model = session.applier.model
-            check_reference_fits(model.config, ev.device, ev.n_tokens, model.get_output_embeddings().weight.dtype,
-                                 with_head=not ev.shared_heads, split=f"{split} (first {ev.n_tokens} tokens)")  # fmt: skip
+            session.check_reference_fits(ev, f"{split} (first {ev.n_tokens} tokens)")
             session.applier.apply_(session.baseline_plan)
-            ev.evaluate(model, record_reference=True)
+            ev.evaluate(session.applier.model, record_reference=True)
             extra = 1.0
     base = sensitivity_base(space, session.baseline_plan)
     table = measure_sensitivity(
