@@ -79,8 +79,15 @@ def test_the_proposal_is_the_best_predicted_one_or_two_unit_move_from_the_incumb
     inc = Plan({"a": "int4", "b": "int4", "c": "int4", "d": "fp16"})
     interaction = 0.05  # measured worse than the additive prediction: the anchor carries it
     measured = [Measured(inc, pred(inc) + interaction, size(inc))]
-    got = propose(
-        measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=5
+    got = propose(  # the table as given (learning from measurements: tests/test_posterior.py)
+        measured,
+        table(),
+        space(),
+        {u: BYTES for u in UNITS},
+        baseline_bytes=800,
+        penalty=10.0,
+        n=5,
+        learn=False,
     )
     # brute force over every plan within two unit changes of the incumbent (alpha = 1: one measured plan)
     best = []
@@ -141,7 +148,7 @@ def test_the_hypervolume_criterion_proposes_the_largest_predicted_gain_from_any_
     measured = [Measured(p, pred(p), size(p)) for p in plans]
     box = (0.5, 1.2)
     got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=3,
-                  criterion="hypervolume", box=box)  # fmt: skip
+                  criterion="hypervolume", box=box, learn=False)  # fmt: skip
 
     def point(p):
         return (size(p) / 800, math.exp(pred(p)))
@@ -178,7 +185,7 @@ def test_a_jump_is_predicted_from_the_measured_plan_sharing_most_units_and_ranke
     measured = [Measured(near, pred(near) + 0.01, size(near)), Measured(far, 0.0, size(far))]
     jump = Plan({"a": "int4", "b": "int2", "c": "int2", "d": "int4"})  # 2 units from `near`, 4 from `far`
     got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0,
-                  n=100, criterion="hypervolume", box=(0.5, 1.2), jumps=[jump, near])  # fmt: skip
+                  n=100, criterion="hypervolume", box=(0.5, 1.2), jumps=[jump, near], learn=False)  # fmt: skip
     mine = [g for g in got if g.plan == jump]
     assert len(mine) == 1 and mine[0].anchor == near  # measured `near` itself is never proposed again
     assert mine[0].predicted_delta_nll == pytest.approx(pred(jump) + 0.01)  # alpha = 1 (two measured plans)
@@ -217,6 +224,10 @@ def test_the_refine_policy_owns_its_schedule_and_takes_its_knobs_from_the_search
                             "refine_incumbents": 5, "refine_jumps": 0})  # fmt: skip
     policy = RefinePolicy.of(custom, 1000, 10.0)
     assert policy.criteria(0) == ["hypervolume", "fitness"] and policy.incumbents == 5
+    assert (policy.learn, policy.optimism) == (True, 1.0)
+    blind = RefinePolicy.of(search_config({"name": "x", "sampler": "nsga2", "refine_learn": False,
+                                           "refine_optimism": 0.0}), 1000, 10.0)  # fmt: skip
+    assert (blind.learn, blind.optimism) == (False, 0.0)
     assert policy.jump_plans(None, None, {}, None) == []  # no jumps asked for: the allocator is not consulted
 
 
@@ -228,6 +239,8 @@ def test_the_refine_policy_owns_its_schedule_and_takes_its_knobs_from_the_search
         ({"refine_incumbents": 0}, "search.refine_incumbents must be >= 1"),
         ({"refine_jumps": -1}, "search.refine_jumps >= 0"),
         ({"refine_jumpz": 3}, "unknown key search.refine_jumpz"),
+        ({"refine_share": 1.5}, "search.refine_share must be in [0, 1]"),
+        ({"refine_optimism": -1.0}, "search.refine_optimism must be a finite number >= 0"),
     ],
 )
 def test_bad_refine_knobs_are_refused_naming_the_key(setting, message):

@@ -22,6 +22,7 @@ from qsweep.bench.synthetic_generate import (
 )
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemError, ProblemSession, load_problems
+from qsweep.errors import ConfigError
 from qsweep.plan import Plan
 from qsweep.search.allocate import best_predicted_fitness
 
@@ -237,6 +238,17 @@ def test_every_method_runs_on_a_problem_and_the_table_prints(capsys, tmp_path):
     assert all(r <= 1 + 1e-9 for r in ratios)  # nothing beats a brute-force optimum
 
 
+def test_search_settings_take_set_values_and_a_bad_one_is_one_line(capsys):
+    """``--set KEY=VALUE`` reaches every study's search settings (a knob A/B-tested on the problems)."""
+    s = bench.search_settings("nsga2_warm", 0, 30, {"refine_learn": False, "refine_optimism": 0.0})
+    assert (s.refine_learn, s.refine_optimism, s.n_trials, s.warm_start) == (False, 0.0, 30, True)
+    with pytest.raises(ConfigError, match=r"search\.refine_share must be in"):
+        bench.search_settings("tpe_warm", 0, 30, {"refine_share": 2})
+    assert bench.main(["--set", "refine_learn", "--budgets", "10"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--set 'refine_learn': expected KEY=VALUE" in err[0]
+
+
 def test_guard_default_warm_search_reaches_the_exact_optimum():
     """Search quality from now on: on a seeded 50-unit problem with an exact optimum (Pareto DP), the default
     warm-started study (conf/search/nsga2.yaml: proxy table, allocator plans, NSGA-II, refine) reaches >= 99.5%
@@ -296,6 +308,7 @@ def test_a_warm_study_spends_exactly_its_budget_and_a_resume_the_difference(n_tr
     session, space = ProblemSession(p, n_windows=64), p.space
     table = p.sensitivity_table("proxy")
     search = bench.search_settings("nsga2_warm", 0, n_trials)
+    search.refine_share = 0.5  # the sampler gets half of what the enqueued plans leave: every phase runs
     search.racing = [
         0.25,
         0.5,

@@ -38,18 +38,21 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import optuna
+import yaml
 from omegaconf import OmegaConf
 
 from qsweep.bench.synthetic_baselines import BASELINES, Budget, BudgetSpent
 from qsweep.bench.synthetic_generate import from_sensitivity, solved, write_sets
 from qsweep.bench.synthetic_optima import brute_force, pareto_dp
 from qsweep.bench.synthetic_problem import Problem, ProblemSession, load_problems, save_problems
-from qsweep.errors import one_line_errors
+from qsweep.errors import ConfigError, one_line_errors
 from qsweep.paths import config_dir
 from qsweep.score import PlanScore
 from qsweep.search.allocate import EXACT, Allocator
@@ -124,10 +127,13 @@ class Trace:
                      if p[0] >= target), None)  # fmt: skip
 
 
-def search_settings(method: str, seed: int, n_trials: int) -> SearchConfig:
-    """``conf/search/<sampler>.yaml`` as a user gets it, with the method's warm start, seed and budget."""
+def search_settings(method: str, seed: int, n_trials: int, settings: Mapping[str, Any] = MappingProxyType({})
+                    ) -> SearchConfig:  # fmt: skip
+    """``conf/search/<sampler>.yaml`` as a user gets it, with ``settings`` (``--set``), the method's warm start,
+    seed and budget."""
     sampler = "random" if method == "allocator" else method.removesuffix("_warm")
     raw = OmegaConf.to_container(OmegaConf.load(config_dir() / "search" / f"{sampler}.yaml"), resolve=True)
+    raw.update(settings)
     raw.update(seed=seed, n_trials=n_trials, warm_start=method.endswith("_warm") or method == "allocator")
     if method == "allocator":  # the allocator's plans only, whole (not raced): as many as the budget holds
         raw.update(refine_trials=0, warm_start_plans=n_trials, name="allocator", racing=[])
@@ -142,6 +148,7 @@ def run_method(
     table: SensitivityTable | None = None,
     allocator: Allocator = EXACT,
     n_windows: int = 1,
+    settings: Mapping[str, Any] = MappingProxyType({}),
 ) -> Trace:
     """One run of ``method`` on ``problem`` with ``budget`` evaluations (the table's cost included); a cached
     ``allocator`` shared by the runs of one table solves each knapsack question once. ``n_windows`` > 1: the
@@ -157,7 +164,7 @@ def run_method(
             BASELINES[method](space, b, table=table, baseline_bytes=problem.baseline_bytes,
                               penalty=problem.penalty, seed=seed)  # fmt: skip
         return Trace.of(b.records, cost, time.perf_counter() - start)
-    search = search_settings(method, seed, budget)
+    search = search_settings(method, seed, budget, settings)
     uniform = {f"uniform:{f}": p for f, p in space.uniform_plans().items()}
     if method == "allocator":  # the allocator's plans only: as many as the budget holds, then the run ends
         search.warm_start_plans = max(1, budget - math.ceil(cost) - len(uniform))
@@ -205,11 +212,12 @@ def summarize(trace: Trace, budget: int, optimum: float, ref_front) -> dict:
 
 
 def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence[int], table,
-          allocator: Allocator, n_windows: int = 1) -> list[dict]:  # fmt: skip
+          allocator: Allocator, n_windows: int = 1, settings: Mapping[str, Any] = MappingProxyType({})
+          ) -> list[dict]:  # fmt: skip
     rows = []
     for seed in seeds[:1] if method in _SEEDLESS else seeds:
         once = [max(budgets)] if method in _ANYTIME else budgets
-        runs = {b: run_method(method, problem, seed, b, table, allocator, n_windows) for b in once}
+        runs = {b: run_method(method, problem, seed, b, table, allocator, n_windows, settings) for b in once}
         for b in budgets:
             rows.append({"seed": seed, "budget": b, "trace": runs.get(b) or runs[max(budgets)],
                          "seconds": runs[b].seconds if b in runs else 0.0})  # fmt: skip
@@ -217,7 +225,8 @@ def _runs(method: str, problem: Problem, seeds: Sequence[int], budgets: Sequence
 
 
 def benchmark(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequence[int], budgets: Sequence[int],
-              warm_seeds: Sequence[int] | None = None, log=print, n_windows: int = 1) -> list[dict]:  # fmt: skip
+              warm_seeds: Sequence[int] | None = None, log=print, n_windows: int = 1,
+              settings: Mapping[str, Any] = MappingProxyType({})) -> list[dict]:  # fmt: skip
     """Every method on every problem: one row per (problem, method, seed, budget); the methods run once per budget
     (warm-started, allocator) use ``warm_seeds`` when given (they depend little on the seed and cost the most)."""
     out = []
@@ -228,7 +237,7 @@ def benchmark(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequen
         for m in methods:
             t0 = time.perf_counter()
             rows = _runs(m, p, warm_seeds if warm_seeds and m not in _ANYTIME else seeds, budgets, table,
-                         allocator, n_windows)  # fmt: skip
+                         allocator, n_windows, settings)  # fmt: skip
             for r in rows:
                 out.append({"problem": p.name, "method": m, "seed": r["seed"], "budget": r["budget"],
                             **summarize(r["trace"], r["budget"], opt, ref), "seconds": r["seconds"]})  # fmt: skip
@@ -283,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--windows", type=int, default=64,
                      help="windows of a synthetic evaluation, so that studies race their candidates (1: whole "
                           "evaluations only, no racing)")  # fmt: skip
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="a search setting for every study (e.g. refine_learn=false); repeatable")  # fmt: skip
     gen = sub.add_parser("generate", help="write synthetic_{train,valid,test}.json (seeded, deterministic)")
     gen.add_argument("--out-dir", default=str(DATA))
     gen.add_argument("--seed", type=int, default=0)
@@ -319,7 +330,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     problems = [p for path in args.problems for p in load_problems(path)]
     start, cpu = time.perf_counter(), time.process_time()
     warm_seeds = [int(s) for s in args.warm_seeds.split(",")]
-    rows = benchmark(problems, methods, seeds, budgets, warm_seeds, n_windows=args.windows)
+    settings = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE (a search setting, e.g. refine_learn=false)"
+            )
+        settings[key.removeprefix("search.")] = yaml.safe_load(value)
+    rows = benchmark(problems, methods, seeds, budgets, warm_seeds, n_windows=args.windows, settings=settings)
     print(f"\n# {len(problems)} problems, seeds {args.seeds} (methods run per budget: {args.warm_seeds}), budgets "
           f"{args.budgets}, {args.windows} windows per evaluation: "
           f"{time.perf_counter() - start:.0f} s wall, {time.process_time() - cpu:.0f} s CPU\n")  # fmt: skip

@@ -8,6 +8,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,9 +65,10 @@ class SearchConfig:
     )
     sensitivity_tokens: int | None = 8192  # how many tokens of the search split the table reads (null: all)
     warm_start_plans: int = 16
-    # measured local search at the end (qsweep.search.refine), part of n_trials; null: half of what the enqueued
-    # plans leave of the budget
+    # measured local search at the end (qsweep.search.refine), part of n_trials; null: refine_share of what the
+    # enqueued plans leave of the budget (the sampler gets the rest, and whatever refine cannot spend)
     refine_trials: int | None = None
+    refine_share: float = 1.0
     # multi objective: the box [size ratio, perplexity ratio] (to the baseline) whose front the refine step fills
     front_box: list[float] = field(default_factory=lambda: [0.5, 1.2])
     # the refine policy (qsweep.search.refine.RefinePolicy): a multi-objective study's criterion per turn, in a
@@ -75,6 +77,10 @@ class SearchConfig:
     refine_schedule: list[str] = field(default_factory=lambda: ["fitness", "hypervolume", "hypervolume"])
     refine_incumbents: int = 3
     refine_jumps: int = 64
+    # refine's table corrected by every measured plan (qsweep.search.posterior); a move ranked this many posterior
+    # standard deviations better than its mean (0: the mean)
+    refine_learn: bool = True
+    refine_optimism: float = 1.0
 
 
 def search_config(raw) -> SearchConfig:
@@ -144,6 +150,12 @@ def search_config(raw) -> SearchConfig:
             f"search.refine_incumbents must be >= 1 and search.refine_jumps >= 0, got {s.refine_incumbents}, "
             f"{s.refine_jumps}"
         )
+    if not 0 <= s.refine_share <= 1:
+        raise ConfigError(f"search.refine_share must be in [0, 1] (the refine step's share of what the enqueued "
+                          f"plans leave), got {s.refine_share}")  # fmt: skip
+    if not 0 <= s.refine_optimism < math.inf:
+        raise ConfigError(f"search.refine_optimism must be a finite number >= 0 (posterior standard deviations; "
+                          f"0: rank by the mean), got {s.refine_optimism}")  # fmt: skip
     if s.refine_trials and not s.warm_start:
         raise ConfigError(f"search.refine_trials={s.refine_trials} needs the warm start (its sensitivity table "
                           "steers the refine step): use search.warm_start=true or search.refine_trials=null")  # fmt: skip

@@ -6,7 +6,8 @@ The budget, ``search.n_trials``, is in full evaluations of the search split; eve
 sensitivity table (stored in the study; a resume reuses it)   its cost, counted by work
 allocator plans enqueued (qsweep.search.warmstart)            generation 0 / startup trials of the sampler
 sampler trials (Optuna)                                       until what refine keeps (search.refine_trials; null:
-                                                              half of what the enqueued plans leave)
+                                                              search.refine_share of what the enqueued plans
+                                                              leave: by default all of it)
 refine trials (qsweep.search.refine)                          measured local search until the budget is spent
 
 Trials racing drops (qsweep.search.racing) cost the share of the split they used, so the rest goes to more trials.
@@ -217,7 +218,7 @@ def run_phases(
     where the budget ends, counting each as a whole evaluation: the reference plans (enqueued when the study was
     opened), then the allocator's (qsweep.search.warmstart: the best predicted plan, its two neighbours on the
     predicted front, then plans spread along it); the refine step gets ``search.refine_trials`` evaluations
-    (default: half of what the enqueued plans leave) of what is left after them, never an enqueued plan's place,
+    (default: ``search.refine_share`` of what the enqueued plans leave) of what is left after them, never an enqueued plan's place,
     and whatever the sampler left. ``search.timeout_s`` bounds every phase together, from now or up to
     ``deadline`` (``time.monotonic()``; the app's, which started before the sensitivity table)."""
     if deadline is None and search.timeout_s is not None:
@@ -247,7 +248,9 @@ def run_phases(
                    for k, a in kept.items()})  # fmt: skip
     waiting = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))
     left = max(0.0, budget - spent(study) - waiting)  # after every enqueued plan that fits
-    refine = min(wanted, left) if wanted is not None else math.floor(left) // 2
+    refine = (
+        min(wanted, left) if wanted is not None else math.floor(math.floor(left) * search.refine_share + 1e-9)
+    )
     optimize(study, objective, budget - refine, _left(deadline), whole=refine > 0)
     if budget - spent(study) >= objective.min_cost - 1e-9 and not expired(deadline):
         policy = RefinePolicy.of(search, session.baseline_size_bytes, session.penalty)

@@ -23,6 +23,12 @@ it alone finds nothing; refining blind costs an evaluation per move. This step d
     *every* member of the measured front inside ``search.front_box``, ranked by the hypervolume their predicted
     point would add to the measured front (:mod:`qsweep.search.front`): the step fills the front's widest gaps,
     where the additive model says a plan should exist, instead of polishing one point.
+* **Learned** (``search.refine_learn``): before each turn the table's rows are moved to their posterior mean given
+  every measured plan (:mod:`qsweep.search.posterior`), so a row the table got wrong is repriced once a move holding
+  it is measured, instead of every pair holding it ranking first again.
+* **Optimistic** (``search.refine_optimism``): a move is ranked with its change taken that many posterior standard
+  deviations lower, so moves whose rows no measurement has settled get measured once (upper confidence bound).
+
 :class:`RefinePolicy` is the step's one owner: its schedule of criteria (``search.refine_schedule``, with the
 other criterion as the fallback of a turn that has nothing to propose), its candidates (``search.refine_incumbents``
 incumbents, and ``search.refine_jumps`` plans of the allocator's front as jumps) and its ranking (:func:`propose`).
@@ -43,6 +49,7 @@ from qsweep.plan import Plan
 from qsweep.search.allocate import Allocator, predicted_delta_nll
 from qsweep.search.config import CRITERIA
 from qsweep.search.front import hypervolume_gain, staircase
+from qsweep.search.posterior import posterior_table
 from qsweep.search.sensitivity import SensitivityTable
 from qsweep.search.space import SearchSpace
 
@@ -88,6 +95,11 @@ class Calibration:
         p = np.asarray(p, float)
         return self.scale * np.sign(p) * np.abs(p) ** self.power
 
+    def inverse(self, y):
+        """The additive prediction ``p`` with ``self(p) == y``."""
+        y = np.asarray(y, float)
+        return np.sign(y) * (np.abs(y) / self.scale) ** (1.0 / self.power)
+
 
 POWER_RANGE = (0.5, 3.0)
 
@@ -124,6 +136,8 @@ def propose(
     criterion: str = "fitness",
     box: Sequence[float] = (0.5, 1.2),
     jumps: Sequence[Plan] = (),
+    learn: bool = True,
+    optimism: float = 1.0,
 ) -> list[Proposal]:
     """The ``n`` unmeasured neighbours ranked best by ``criterion`` (module docstring); ``exclude`` holds plan
     digests not to propose (every measured plan is excluded anyway). ``criterion="hypervolume"`` ranks by predicted
@@ -136,6 +150,10 @@ def propose(
     if not ok:
         return []
     g = calibration(ok, table)
+    cov = None
+    if learn:  # every row corrected by what the study measured (qsweep.search.posterior)
+        table, cov = posterior_table(table, [m.plan for m in ok], [m.delta_nll for m in ok], g.inverse)
+    spread = (lambda moves: _spread(cov, moves, optimism)) if cov is not None and optimism > 0 else None
     seen = set(exclude) | {m.plan.digest() for m in measured}
     size = np.array([m.size_bytes for m in ok], float)
     delta = np.array([m.delta_nll for m in ok])
@@ -162,7 +180,7 @@ def propose(
 
     found: list[Proposal] = []
     for inc in incumbents:
-        found += _neighbours(inc, table, space, sizes, g, value, fitness, n, seen)
+        found += _neighbours(inc, table, space, sizes, g, value, fitness, n, seen, spread)
     fresh: dict[str, Plan] = {}
     for p in jumps:
         if p.digest() not in seen:
@@ -193,8 +211,18 @@ def propose(
     return found[:n]
 
 
-def _neighbours(inc: Measured, table, space, sizes, g: Calibration, value, fitness, n: int, seen: set[str]):
-    """The best one- and two-unit moves from ``inc`` by ``value(size, delta_nll)`` (anchored, calibrated)."""
+def _spread(cov, moves, optimism: float) -> tuple[np.ndarray, np.ndarray]:
+    """``optimism`` posterior standard deviations of each one-unit move's row change, and of each pair's."""
+    v = cov.vectors(moves)
+    c = v @ cov.cov @ v.T
+    d = np.maximum(np.diag(c), 0.0)
+    return optimism * np.sqrt(d), optimism * np.sqrt(np.maximum(d[:, None] + d[None, :] + 2 * c, 0.0))
+
+
+def _neighbours(inc: Measured, table, space, sizes, g: Calibration, value, fitness, n: int, seen: set[str],
+                spread=None):  # fmt: skip
+    """The best one- and two-unit moves from ``inc`` by ``value(size, delta_nll)`` (anchored, calibrated), the
+    change taken ``spread`` lower (optimism where the learned rows are still uncertain; None: none)."""
     units, fmts, dd, ds = [], [], [], []
     for u in space.searchable:
         cur = inc.plan[u]
@@ -213,8 +241,9 @@ def _neighbours(inc: Measured, table, space, sizes, g: Calibration, value, fitne
         return inc.delta_nll + g(base + change) - g(base)
 
     # one-unit moves [m] and two-unit moves [m, m] (different units, i < j)
-    single = value(inc.size_bytes + ds_a, anchored(dd_a))
-    pair = value(inc.size_bytes + ds_a[:, None] + ds_a[None, :], anchored(dd_a[:, None] + dd_a[None, :]))
+    s1, s2 = spread([(u, inc.plan[u], f) for u, f in zip(units, fmts, strict=True)]) if spread else (0.0, 0.0)
+    single = value(inc.size_bytes + ds_a, anchored(dd_a - s1))
+    pair = value(inc.size_bytes + ds_a[:, None] + ds_a[None, :], anchored(dd_a[:, None] + dd_a[None, :] - s2))
     pair[np.tril_indices(len(units))] = -np.inf
     pair[unit_ids[:, None] == unit_ids[None, :]] = -np.inf
     order = [((i,), single[i]) for i in np.argsort(-single)[: 4 * n + 8]]
@@ -252,12 +281,15 @@ class RefinePolicy:
     incumbents: int = 3
     jumps: int = 64
     box: tuple[float, float] = (0.5, 1.2)
+    learn: bool = True
+    optimism: float = 1.0
 
     @classmethod
     def of(cls, search, baseline_bytes: int, penalty: float) -> RefinePolicy:
         """The policy of a validated search config (``qsweep.search.config.SearchConfig``)."""
         return cls(baseline_bytes, penalty, search.objective == "multi", tuple(search.refine_schedule),
-                   search.refine_incumbents, search.refine_jumps, tuple(search.front_box))  # fmt: skip
+                   search.refine_incumbents, search.refine_jumps, tuple(search.front_box),
+                   search.refine_learn, search.refine_optimism)  # fmt: skip
 
     def criteria(self, turn: int) -> list[str]:
         """Turn ``turn``'s criteria in order: the schedule's, then the other as the fallback."""
@@ -292,7 +324,7 @@ class RefinePolicy:
         for criterion in self.criteria(turn):
             props = propose(measured, table, space, sizes, baseline_bytes=self.baseline_bytes, penalty=self.penalty,
                             n_incumbents=self.incumbents, criterion=criterion, box=self.box, exclude=exclude,
-                            jumps=jumps if criterion == "hypervolume" else ())  # fmt: skip
+                            jumps=jumps if criterion == "hypervolume" else (), learn=self.learn, optimism=self.optimism)  # fmt: skip
             if props:
                 return props[0], criterion
         return None
