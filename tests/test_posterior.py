@@ -14,7 +14,7 @@ from qsweep.search.posterior import posterior_table
 from qsweep.search.refine import Calibration, Measured, propose
 from qsweep.search.sensitivity import SensitivityRow, SensitivityTable
 from qsweep.search.space import SearchSpace
-from tests.test_refine import DELTA, FORMATS, UNITS, pred, table
+from tests.test_refine import BYTES, DELTA, FORMATS, UNITS, pred, size, space, table
 
 IDENTITY = Calibration().inverse
 ALL = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=len(UNITS))]
@@ -61,7 +61,6 @@ def test_one_measured_move_reprices_the_units_other_formats_and_leaves_other_uni
     assert post.delta("d", "int2") > 1.2 * t.delta("d", "int2")
     for u in "abc":  # the other units' int2 rows (never measured) move by a quarter at most (explained away)
         assert post.delta(u, "int2") == pytest.approx(t.delta(u, "int2"), rel=0.25)
-    assert post.delta("a", "fp16") == 0.0  # the base plan's rows are zero by construction
 
 
 def test_a_failed_row_and_the_row_order_are_kept():
@@ -140,3 +139,68 @@ def test_learning_and_optimism_find_the_optimum_sooner_than_the_blind_refine_ste
     blind, learned = steps(False, 0.0), steps(True, 1.0)
     assert max(learned) <= 10 < max(blind)
     assert sum(learned) < 0.6 * sum(blind)
+
+
+def test_the_posterior_equals_gaussian_process_regression_of_the_documented_model():
+    """The module's model written out as one Gaussian process over the rows (its prior covariance K from the
+    unit, format and row terms, its misfit covariance S from the plans' distance): the posterior mean
+    ``K X' (X K X' + S)^-1 r`` and covariance ``K - K X' (X K X' + S)^-1 X K`` are what posterior_table returns."""
+    from qsweep.search import posterior as P
+
+    t = table()
+    rng = random.Random(3)
+    plans = rng.sample(ALL, 10)
+    deltas = [pred(p) * rng.uniform(0.5, 2.0) for p in plans]
+    post, cov = posterior_table(t, plans, deltas, IDENTITY)
+    rows = [(u, f) for u in UNITS for f in FORMATS if f != "fp16"]
+    v = np.array([t.delta(u, f) for u, f in rows])
+    floor = P.FLOOR_REL * float(np.median(np.abs(v)))
+    same_unit = np.array([[a[0] == b[0] for b in rows] for a in rows])
+    same_format = np.array([[a[1] == b[1] for b in rows] for a in rows])
+    k = np.outer(v, v) * (P.UNIT_REL**2 * same_unit + P.FORMAT_REL**2 * same_format)
+    k += np.diag(P.ROW_REL**2 * v**2 + floor**2)
+    x = np.array([[float(p[u] == f) for u, f in rows] for p in plans])
+    z = np.array(deltas)
+    apart = np.array([[sum(p[u] != q[u] for u in UNITS) for q in plans] for p in plans])
+    s = np.outer(P.MISFIT_REL * z, P.MISFIT_REL * z) * np.exp(-apart / P.MISFIT_UNITS) + floor**2 * np.eye(10)
+    gain = k @ x.T @ np.linalg.inv(x @ k @ x.T + s)
+    mean = v + gain @ (z - x @ v)
+    assert [post.delta(u, f) for u, f in rows] == pytest.approx(mean, rel=1e-9, abs=1e-12)
+    order = [cov.index[r] for r in rows]
+    assert cov.cov[np.ix_(order, order)] == pytest.approx(k - gain @ x @ k, rel=1e-7, abs=1e-14)
+
+
+def test_optimism_ranks_by_the_spread_and_leaves_the_predictions_at_the_mean():
+    from qsweep.search.refine import _spread
+
+    rng = random.Random(4)
+    measured = [Measured(p, pred(p) * rng.uniform(0.8, 1.5), size(p)) for p in rng.sample(ALL, 12)]
+    kwargs = dict(baseline_bytes=800, penalty=10.0, n=200)
+    mean = propose(measured, table(), space(), {u: BYTES for u in UNITS}, optimism=0.0, **kwargs)
+    eager = propose(measured, table(), space(), {u: BYTES for u in UNITS}, optimism=3.0, **kwargs)
+    by_plan = {p.plan: p for p in mean}
+    assert {p.plan for p in eager} == set(by_plan)
+    for p in eager:  # the same predictions, ranked by a value at least as good
+        assert p.predicted_delta_nll == pytest.approx(by_plan[p.plan].predicted_delta_nll)
+        assert p.predicted_fitness == pytest.approx(by_plan[p.plan].predicted_fitness)
+        assert p.value >= by_plan[p.plan].value - 1e-12
+    # the pair spread is the standard deviation of the two moves' summed row changes
+    _, cov = posterior_table(table(), [m.plan for m in measured], [m.delta_nll for m in measured], IDENTITY)
+    moves = [("a", "fp16", "int4"), ("b", "int4", "int2"), ("c", "int2", "fp16")]
+    one, two = _spread(cov, moves, 2.0)
+    vec = cov.vectors(moves)
+    for i, j in [(0, 1), (0, 2), (1, 2)]:
+        both = vec[i] + vec[j]
+        assert two[i, j] == pytest.approx(2.0 * math.sqrt(both @ cov.cov @ both))
+    assert one == pytest.approx([2.0 * math.sqrt(w @ cov.cov @ w) for w in vec])
+
+
+def test_identical_plans_and_an_all_zero_table_do_not_break_the_fit():
+    t = table()
+    zero = SensitivityTable(t.kind, t.base_plan, t.split, t.n_tokens,
+                            tuple(SensitivityRow(r.unit, r.format, 0.0, r.model_size_bytes, r.packed_size_bytes)
+                                  for r in t.rows), 1.0, 1.0)  # fmt: skip
+    p = ALL[5]
+    post, cov = posterior_table(zero, [p, p], [0.01, 0.01], IDENTITY)
+    assert cov is not None and all(math.isfinite(r.delta_nll_per_token) for r in post.rows)
+    assert sum(post.delta(u, f) for u, f in p.formats.items()) > 0  # zero rows move toward the measurement

@@ -247,6 +247,10 @@ def test_search_settings_take_set_values_and_a_bad_one_is_one_line(capsys):
     assert bench.main(["--set", "refine_learn", "--budgets", "10"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--set 'refine_learn': expected KEY=VALUE" in err[0]
+    assert bench.main(["--set", "search.seed=3", "--budgets", "10"]) == 2
+    assert "--set seed: the benchmark sets it for each run" in capsys.readouterr().err
+    assert bench.main(["--set", "refine_optimism=-1", "--budgets", "10"]) == 2  # refused before any run
+    assert "search.refine_optimism must be a finite number >= 0" in capsys.readouterr().err
 
 
 def test_guard_default_warm_search_reaches_the_exact_optimum():

@@ -9,7 +9,8 @@ from the degradation's interval). Methods:
 
   random, tpe, nsga2        the Optuna samplers, uniform plans enqueued, no warm start (search.warm_start=false)
   allocator                 proxy sensitivity + the exact allocator's plans (best predicted fitness first), no sampler
-  tpe_warm, nsga2_warm      warm start (proxy sensitivity, allocator plans) + sampler + refine (the default study)
+  tpe_warm, nsga2_warm      warm start (proxy sensitivity, allocator plans) + refine (+ the sampler's share, if
+                            search.refine_share < 1): the default study
 
 Samplers without a refine step are anytime: one run to the largest budget, read at every budget. Warm-started runs
 end with a refine step sized to their budget, so each budget is its own run. Columns: best validation fitness

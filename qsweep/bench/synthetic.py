@@ -12,7 +12,8 @@ and every qsweep method runs on it unchanged, configured by ``conf/search/<sampl
 
   random, tpe, nsga2, gp        the Optuna samplers, uniform plans enqueued, no warm start
   allocator                     the sensitivity table + the exact allocator's plans only (no sampler, no refine)
-  tpe_warm, nsga2_warm, gp_warm warm start (proxy table, allocator plans) + sampler + refine: the default study
+  tpe_warm, nsga2_warm, gp_warm warm start (proxy table, allocator plans) + refine (+ the sampler's share, if
+                                search.refine_share < 1): the default study
   uniform, first_k, greedy, ga  baselines (qsweep.bench.synthetic_baselines)
 
 The default set leaves out gp and gp_warm (GPSampler's fit per trial would take the run past 5 minutes on 2 CPU
@@ -125,6 +126,9 @@ class Trace:
         """The evaluations spent (table included) when a point first reached fitness ``target``."""
         return next((round(s + self.cost, 2) for p, s in zip(self.points, self.spends, strict=True)
                      if p[0] >= target), None)  # fmt: skip
+
+
+BENCH_OWNS = ("seed", "n_trials", "warm_start", "name", "sampler")  # what each run sets; --set may not
 
 
 def search_settings(method: str, seed: int, n_trials: int, settings: Mapping[str, Any] = MappingProxyType({})
@@ -337,7 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError(
                 f"--set {item!r}: expected KEY=VALUE (a search setting, e.g. refine_learn=false)"
             )
-        settings[key.removeprefix("search.")] = yaml.safe_load(value)
+        key = key.removeprefix("search.")
+        if key in BENCH_OWNS:
+            raise ConfigError(f"--set {key}: the benchmark sets it for each run ({', '.join(BENCH_OWNS)}); use "
+                              "--seeds/--warm-seeds, --budgets or --methods")  # fmt: skip
+        settings[key] = yaml.safe_load(value)
+    search_settings("nsga2_warm", 0, max(budgets), settings)  # a bad setting: one line now, not after any run
     rows = benchmark(problems, methods, seeds, budgets, warm_seeds, n_windows=args.windows, settings=settings)
     print(f"\n# {len(problems)} problems, seeds {args.seeds} (methods run per budget: {args.warm_seeds}), budgets "
           f"{args.budgets}, {args.windows} windows per evaluation: "

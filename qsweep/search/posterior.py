@@ -9,14 +9,16 @@ correction, fitted to every measured plan:
   study's calibration (fitted to the table alone), so ``z = g^-1(y)`` is the additive sum the plan *should* have
   had, and ``z - sum_u table[u, f_u]`` is a linear observation of the corrections of its rows.
 * **Prior.** The table's errors are shared: a unit whose curvature the proxy misjudges is off in every format, and
-  a format's error model is off in every unit. So ``c[u, f] = table[u, f] * (a[u] + b[f] + e[u, f]) + d[u, f]``
-  with independent normal priors: ``a`` (per unit), ``b`` (per format) and ``e`` (per row) of standard deviation
-  ``UNIT_REL``, ``FORMAT_REL``, ``ROW_REL`` (relative to the row), and ``d`` of ``floor`` (a tenth of the median
-  row), so a row the table puts at zero may still move. One measured move of a unit then reprices the unit's
-  other formats too.
+  a format's error model is off in every unit. So ``c[u, f] = table[u, f] * (a[u] + b[f]) + r[u, f]`` with
+  independent normal priors: ``a`` (per unit) and ``b`` (per format) of standard deviation ``UNIT_REL`` and
+  ``FORMAT_REL`` (relative to the row), and the row's own ``r`` of ``ROW_REL * |table[u, f]|`` plus ``floor``
+  (a tenth of the median non-zero row) in quadrature, so a row the table puts at zero may still move. One
+  measured move of a unit then reprices the unit's other formats too.
 * **Misfit.** The additive model is not exact, least of all far from the plans the step moves around, so each
-  observation carries a misfit of ``MISFIT_REL * |z| + floor``: a plan a hundred times worse than the others
-  (uniform int2) moves the rows less than its size would say.
+  observation carries a misfit of standard deviation ``MISFIT_REL * |z|`` (a plan a hundred times worse than the
+  others, uniform int2, moves the rows less than its size would say), correlated between two plans as
+  ``exp(-units they differ in / MISFIT_UNITS)``: the difference of two near plans is measured almost exactly, so a
+  one-unit move prices its row, not the plans' common level. Plus ``floor`` in quadrature.
 * **Fit.** The posterior mean, by normal equations in the coefficients (their number does not grow with the
   study).
 
@@ -46,10 +48,11 @@ FLOOR_REL = 0.1  # the floor of both, relative to the median row's |value|
 
 def posterior_table(
     table: SensitivityTable, plans: Sequence, deltas: Sequence[float], g_inverse
-) -> SensitivityTable:
+) -> tuple[SensitivityTable, RowCovariance | None]:
     """``table`` with every row moved to its posterior mean given the measured ``plans`` (each a
-    qsweep.plan.Plan) and their loss changes ``deltas`` (module docstring). ``g_inverse`` maps a measured change
-    to the additive sum the calibration says it came from. The table itself when nothing is measured."""
+    qsweep.plan.Plan) and their loss changes ``deltas`` (module docstring), and the rows' posterior covariance.
+    ``g_inverse`` maps a measured change to the additive sum the calibration says it came from. ``(table, None)``
+    when nothing usable is measured."""
     rows = table.rows
     base = table.base_plan.formats
     free = [
@@ -77,48 +80,25 @@ def posterior_table(
     if not ok.any():
         return table, None
     x, z, fixed = x[ok], z[ok], fixed[ok]
-    floor = FLOOR_REL * float(np.median(np.abs(value))) + 1e-12
-    # the row corrections as a linear map of the coefficients (a, b, e, d): c = basis @ coef
+    floor = _floor(value)
+    # the row corrections as a linear map of the coefficients (a, b, and each row's own e * value + d):
+    # c = basis @ coef
     units = np.unique([rows[i].unit for i in free], return_inverse=True)[1]
     formats = np.unique([rows[i].format for i in free], return_inverse=True)[1]
-    n = len(free)
-    eye = np.eye(n)
+    n_u, n_f = units.max() + 1, formats.max() + 1
     basis = np.concatenate(
         [
-            value[:, None] * (units[:, None] == np.arange(units.max() + 1)),
-            value[:, None] * (formats[:, None] == np.arange(formats.max() + 1)),
-            value[:, None] * eye,
-            eye,
+            value[:, None] * (units[:, None] == np.arange(n_u)),
+            value[:, None] * (formats[:, None] == np.arange(n_f)),
+            np.eye(len(free)),
         ],
         axis=1,
     )
     prior = np.concatenate(
-        [
-            np.full(units.max() + 1, UNIT_REL**2),
-            np.full(formats.max() + 1, FORMAT_REL**2),
-            np.full(n, ROW_REL**2),
-            np.full(n, floor**2),
-        ]
+        [np.full(n_u, UNIT_REL**2), np.full(n_f, FORMAT_REL**2), (ROW_REL * value) ** 2 + floor**2]
     )
-    keep = prior > 0
-    basis, prior = basis[:, keep], prior[keep]
     design = x @ basis
-    scale = MISFIT_REL * np.abs(z)
-    if MISFIT_UNITS > 0:
-        pairs = {uf: k for k, uf in enumerate(sorted({uf for p in plans for uf in p.formats.items()}))}
-        onehot = np.zeros((len(plans), len(pairs)))
-        for m, p in enumerate(plans):
-            onehot[m, [pairs[uf] for uf in p.formats.items()]] = 1.0
-        onehot = onehot[ok]
-        n_units = onehot.sum(1)
-        apart = (
-            np.maximum(n_units[:, None], n_units[None, :]) - onehot @ onehot.T
-        )  # units two plans differ in
-        cov = scale[:, None] * scale[None, :] * np.exp(-apart / MISFIT_UNITS)
-    else:
-        cov = np.diag(scale**2)
-    cov[np.diag_indices_from(cov)] += floor**2
-    chol = np.linalg.cholesky(cov)
+    chol = _cholesky(_misfit(plans, ok, z, floor))
     wd = np.linalg.solve(chol, design)  # whitened
     wr = np.linalg.solve(chol, z - fixed - x @ value)
     precision = wd.T @ wd + np.diag(1.0 / prior)
@@ -128,6 +108,44 @@ def posterior_table(
     # the rows' posterior covariance, indexed by (unit, format); the base plan's rows are exact (absent)
     cov_free = basis @ np.linalg.solve(precision, basis.T)
     return replace(table, rows=tuple(new)), RowCovariance(index, cov_free)
+
+
+def _floor(value: np.ndarray) -> float:
+    """The prior's and the misfit's floor: a tenth of the median non-zero row (1e-6 if every row is zero)."""
+    nonzero = np.abs(value[value != 0])
+    return FLOOR_REL * float(np.median(nonzero)) if nonzero.size else 1e-6
+
+
+def _misfit(plans: Sequence, ok: np.ndarray, z: np.ndarray, floor: float) -> np.ndarray:
+    """The observations' misfit covariance: ``(MISFIT_REL z_m)(MISFIT_REL z_n) exp(-apart / MISFIT_UNITS)``, with
+    ``apart`` the number of units two plans differ in, plus ``floor**2`` on the diagonal."""
+    scale = MISFIT_REL * np.abs(z)
+    if MISFIT_UNITS > 0:
+        pairs = {uf: k for k, uf in enumerate(sorted({uf for p in plans for uf in p.formats.items()}))}
+        onehot = np.zeros((len(plans), len(pairs)))
+        for m, p in enumerate(plans):
+            onehot[m, [pairs[uf] for uf in p.formats.items()]] = 1.0
+        onehot = onehot[ok]
+        n_units = onehot.sum(1)
+        # units two plans differ in
+        apart = np.maximum(n_units[:, None], n_units[None, :]) - onehot @ onehot.T
+        cov = scale[:, None] * scale[None, :] * np.exp(-apart / MISFIT_UNITS)
+    else:
+        cov = np.diag(scale**2)
+    cov[np.diag_indices_from(cov)] += floor**2
+    return cov
+
+
+def _cholesky(cov: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor, with jitter added until it exists (rounding can break the definiteness of a
+    covariance whose plans nearly coincide)."""
+    jitter = 0.0
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(cov + jitter * np.eye(len(cov)))
+        except np.linalg.LinAlgError:
+            jitter = max(10 * jitter, 1e-12 * float(np.max(np.diag(cov))) + 1e-300)
+    return np.diag(np.sqrt(np.maximum(np.diag(cov), 1e-300)))
 
 
 @dataclass(frozen=True)

@@ -143,7 +143,9 @@ def propose(
     digests not to propose (every measured plan is excluded anyway). ``criterion="hypervolume"`` ranks by predicted
     hypervolume gain over the measured front in ``box`` (size ratio, perplexity ratio), from every front member,
     and proposes only plans with a positive gain. ``jumps`` are plans anywhere in the space (the allocator's
-    predicted front), each anchored on the measured plan that shares most units with it."""
+    predicted front), each anchored on the measured plan that shares most units with it. ``learn``: the table
+    corrected by the measurements first (qsweep.search.posterior); ``optimism``: every ranking (gains included)
+    takes a change that many posterior standard deviations lower, while a Proposal's predictions stay the mean."""
     if criterion not in CRITERIA:
         raise ValueError(f"unknown refine criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
     ok = [m for m in measured if math.isfinite(m.delta_nll)]
@@ -202,7 +204,15 @@ def propose(
             g(predicted_delta_nll(table, plan)) - g(predicted_delta_nll(table, anchor.plan))
         )
         s = anchor.size_bytes + sum(sizes[u][plan[u]] - sizes[u][anchor.plan[u]] for u in space.searchable)
-        v = float(value(np.array(float(s)), np.array(d)))
+        optimistic = d
+        if spread is not None:  # ranked as the neighbours are: the change lowered by its posterior spread
+            base = predicted_delta_nll(table, anchor.plan)
+            change = predicted_delta_nll(table, plan) - base
+            moves = [(u, anchor.plan[u], plan[u]) for u in space.searchable if plan[u] != anchor.plan[u]]
+            vec = cov.vectors(moves).sum(0)
+            sd = optimism * math.sqrt(max(float(vec @ cov.cov @ vec), 0.0))
+            optimistic = anchor.delta_nll + float(g(base + change - sd) - g(base))
+        v = float(value(np.array(float(s)), np.array(optimistic)))
         if math.isfinite(v):
             found.append(
                 Proposal(plan, d, int(s), float(fitness(np.array(float(s)), np.array(d))), anchor.plan, v)

@@ -4,9 +4,9 @@ Black-box samplers over 20-50 categorical dimensions spend their budget relearni
 says directly. So a study starts from plans the additive model already rates well: a sensitivity table
 (qsweep.search.sensitivity: ``proxy``, one forward+backward pass, or ``measured``, one evaluation per unit and
 format) feeds the exact multiple-choice knapsack (qsweep.search.allocate), and the allocator's plans are enqueued
-beside the uniform plans. NSGA-II takes them as generation 0 and TPE as startup trials, so the sampler's job
-becomes finding what the additive model misses (interactions), and the refine step (qsweep.search.refine) corrects
-the prediction with measurements.
+beside the uniform plans. The refine step (qsweep.search.refine) starts from them and corrects the prediction with
+measurements; when the sampler has a share of the budget (``search.refine_share`` < 1), NSGA-II takes them as
+generation 0 and TPE as startup trials, and its job becomes finding what the additive model misses.
 
 Which allocator plans (``search.warm_start_plans`` of them, labelled ``allocator:<i>``):
   * the plan of best predicted fitness (what a single-objective user wants), and its neighbours on the predicted
