@@ -340,3 +340,27 @@ def test_a_warm_study_spends_exactly_its_budget_and_a_resume_the_difference(n_tr
         run.search.n_trials = 9
         assert run.run(session, table) == 6.5
         assert 3 - 2 * window < spent(run.study) - before <= 3 + window
+
+
+def test_with_the_default_refine_share_and_racing_the_budget_is_still_spent_exactly():
+    """The default (search.refine_share=1.0: refine takes all that the enqueued plans leave) with racing on: what
+    racing saves goes to more trials, and the study still spends its budget to within one window's share."""
+    from qsweep.search.phases import build_study
+    from qsweep.search.study import spent
+
+    p = generate(SMALL_X, 4).with_(proxy_cost_evals=2.5)
+    session, space = ProblemSession(p, n_windows=64), p.space
+    search = bench.search_settings("nsga2_warm", 0, 40)
+    assert search.refine_share == 1.0
+    search.racing = [0.25, 0.5]
+    uniform = {f"uniform:{f}": plan for f, plan in space.uniform_plans().items()}
+    run = build_study(
+        space, session.score, search, reference=uniform, windows=session.windows, penalty=p.penalty
+    )
+    budget = run.run(session, p.sensitivity_table("proxy"))
+    assert budget - 1 / 64 < spent(run.study) <= budget + 1e-9
+    assert abs(session.evaluations - spent(run.study)) < 1e-9
+    labels = [
+        t.user_attrs.get("enqueued_as", "sampler") for t in run.study.trials if "plan_digest" in t.user_attrs
+    ]
+    assert sum(lb.startswith("refine:") for lb in labels) >= 5
