@@ -47,12 +47,13 @@ FLOOR_REL = 0.1  # the floor of both, relative to the median row's |value|
 
 
 def posterior_table(
-    table: SensitivityTable, plans: Sequence, deltas: Sequence[float], g_inverse
+    table: SensitivityTable, plans: Sequence, deltas: Sequence[float], g_inverse, covariance: bool = True
 ) -> tuple[SensitivityTable, RowCovariance | None]:
     """``table`` with every row moved to its posterior mean given the measured ``plans`` (each a
     qsweep.plan.Plan) and their loss changes ``deltas`` (module docstring), and the rows' posterior covariance.
     ``g_inverse`` maps a measured change to the additive sum the calibration says it came from. ``(table, None)``
-    when nothing usable is measured."""
+    when nothing usable is measured; the covariance is None when ``covariance`` is false (it costs a solve with
+    one right-hand side per row: skipped when nothing ranks by it)."""
     rows = table.rows
     base = table.base_plan.formats
     free = [
@@ -104,10 +105,12 @@ def posterior_table(
     precision = wd.T @ wd + np.diag(1.0 / prior)
     coef = np.linalg.solve(precision, wd.T @ wr)
     moved = dict(zip(free, value + basis @ coef, strict=True))
-    new = [replace(r, delta_nll_per_token=float(moved[i])) if i in moved else r for i, r in enumerate(rows)]
+    new = replace(table, rows=tuple(replace(r, delta_nll_per_token=float(moved[i])) if i in moved else r
+                                    for i, r in enumerate(rows)))  # fmt: skip
+    if not covariance:
+        return new, None
     # the rows' posterior covariance, indexed by (unit, format); the base plan's rows are exact (absent)
-    cov_free = basis @ np.linalg.solve(precision, basis.T)
-    return replace(table, rows=tuple(new)), RowCovariance(index, cov_free)
+    return new, RowCovariance(index, basis @ np.linalg.solve(precision, basis.T))
 
 
 def _floor(value: np.ndarray) -> float:
@@ -164,3 +167,8 @@ class RowCovariance:
                 if k is not None:
                     out[i, k] += sign
         return out
+
+    def sd(self, moves: Sequence[tuple[str, str, str]]) -> float:
+        """The posterior standard deviation of the summed row change of ``moves`` (different units) made together."""
+        v = self.vectors(moves).sum(0)
+        return math.sqrt(max(float(v @ self.cov @ v), 0.0))

@@ -154,8 +154,9 @@ def propose(
     g = calibration(ok, table)
     cov = None
     if learn:  # every row corrected by what the study measured (qsweep.search.posterior)
-        table, cov = posterior_table(table, [m.plan for m in ok], [m.delta_nll for m in ok], g.inverse)
-    spread = (lambda moves: _spread(cov, moves, optimism)) if cov is not None and optimism > 0 else None
+        table, cov = posterior_table(table, [m.plan for m in ok], [m.delta_nll for m in ok], g.inverse,
+                                     covariance=optimism > 0)  # fmt: skip
+    spread = (lambda moves: _spread(cov, moves, optimism)) if cov is not None else None
     seen = set(exclude) | {m.plan.digest() for m in measured}
     size = np.array([m.size_bytes for m in ok], float)
     delta = np.array([m.delta_nll for m in ok])
@@ -200,18 +201,15 @@ def propose(
     for plan, a in zip(jumps, nearest if jumps else (), strict=True):
         seen.add(plan.digest())
         anchor = ok[int(a)]
-        d = anchor.delta_nll + float(
-            g(predicted_delta_nll(table, plan)) - g(predicted_delta_nll(table, anchor.plan))
-        )
+        base, pred = predicted_delta_nll(table, anchor.plan), predicted_delta_nll(table, plan)
+        d = anchor.delta_nll + float(g(pred) - g(base))
         s = anchor.size_bytes + sum(sizes[u][plan[u]] - sizes[u][anchor.plan[u]] for u in space.searchable)
         optimistic = d
-        if spread is not None:  # ranked as the neighbours are: the change lowered by its posterior spread
-            base = predicted_delta_nll(table, anchor.plan)
-            change = predicted_delta_nll(table, plan) - base
-            moves = [(u, anchor.plan[u], plan[u]) for u in space.searchable if plan[u] != anchor.plan[u]]
-            vec = cov.vectors(moves).sum(0)
-            sd = optimism * math.sqrt(max(float(vec @ cov.cov @ vec), 0.0))
-            optimistic = anchor.delta_nll + float(g(base + change - sd) - g(base))
+        if cov is not None:  # ranked as the neighbours are: the change lowered by its posterior spread
+            sd = optimism * cov.sd(
+                [(u, anchor.plan[u], plan[u]) for u in space.searchable if plan[u] != anchor.plan[u]]
+            )
+            optimistic = anchor.delta_nll + float(g(pred - sd) - g(base))
         v = float(value(np.array(float(s)), np.array(optimistic)))
         if math.isfinite(v):
             found.append(
