@@ -53,6 +53,11 @@ def fitness(plan: Plan, delta: float) -> float:
     return 800 / size(plan) - 10 * max(0.0, math.expm1(delta))
 
 
+def one_unit_first(ranked, bar):
+    """``ranked`` (value, plan, units moved) in refine's order: one-unit moves above ``bar`` first, then by value."""
+    return sorted(ranked, key=lambda x: (x[2] == 1 and x[0] > bar, x[0]), reverse=True)
+
+
 def test_calibration_recovers_a_uniform_underprediction():
     plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=4)][1:20]
     measured = [Measured(p, 1.25 * pred(p), size(p)) for p in plans]
@@ -95,11 +100,36 @@ def test_the_proposal_is_the_best_predicted_one_or_two_unit_move_from_the_incumb
         p = Plan(dict(zip(UNITS, fs, strict=True)))
         changed = sum(p[u] != inc[u] for u in UNITS)
         if 1 <= changed <= 2:
-            best.append((fitness(p, pred(inc) + interaction + pred(p) - pred(inc)), p))
-    best.sort(key=lambda x: -x[0])
-    assert [g.plan for g in got] == [p for _, p in best[:5]]
-    assert [g.predicted_fitness for g in got] == pytest.approx([f for f, _ in best[:5]])
+            best.append((fitness(p, pred(inc) + interaction + pred(p) - pred(inc)), p, changed))
+    best = one_unit_first(best, fitness(inc, pred(inc) + interaction))
+    assert {c for *_, c in best[:5]} == {1, 2}  # one-unit moves above the incumbent, then the rest by fitness
+    assert [g.plan for g in got] == [p for _, p, _ in best[:5]]
+    assert [g.predicted_fitness for g in got] == pytest.approx([f for f, *_ in best[:5]])
     assert all(g.anchor == inc for g in got)
+
+
+def test_a_long_refine_still_reaches_the_unmeasured_moves_below_the_measured_best_ones():
+    # after many turns the best-ranked moves around an incumbent are all measured: the proposal is then the best
+    # move left, not none (the candidate list was once cut before the measured plans were removed, and refine
+    # handed its budget to the sampler with 30 neighbours unmeasured)
+    inc = Plan({"a": "int4", "b": "int4", "c": "int4", "d": "fp16"})
+    measured = [Measured(inc, pred(inc), size(inc))]
+    ranked = []
+    for fs in itertools.product(FORMATS, repeat=4):
+        p = Plan(dict(zip(UNITS, fs, strict=True)))
+        if 1 <= (changed := sum(p[u] != inc[u] for u in UNITS)) <= 2:
+            ranked.append((fitness(p, pred(p)), p, changed))
+    ranked = one_unit_first(ranked, fitness(inc, pred(inc)))
+    assert len(ranked) == 32  # 8 one-unit and 24 two-unit moves
+
+    def ask(exclude):
+        return propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0,
+                       exclude=exclude, learn=False)  # fmt: skip
+
+    for k in (0, 12, 24, 31):
+        got = ask({p.digest() for _, p, _ in ranked[:k]})
+        assert [g.plan for g in got] == [ranked[k][1]]
+    assert ask({p.digest() for _, p, _ in ranked}) == []  # every neighbour measured: nothing to propose
 
 
 def test_measured_plans_are_never_proposed_and_moves_stay_local():
@@ -156,18 +186,15 @@ def test_the_hypervolume_criterion_proposes_the_largest_predicted_gain_from_any_
     front = [point(p) for p in plans]
     base = hypervolume(front, box)
     gains = []
+    inside = [m for m in plans if point(m)[0] < box[0] and point(m)[1] < box[1]]
     for fs in itertools.product(FORMATS, repeat=4):  # brute force: within two changes of a front member
         p = Plan(dict(zip(UNITS, fs, strict=True)))
-        near = any(
-            1 <= sum(p[u] != m[u] for u in UNITS) <= 2
-            for m in plans
-            if point(m)[0] < box[0] and point(m)[1] < box[1]
-        )
+        near = any(1 <= sum(p[u] != m[u] for u in UNITS) <= 2 for m in inside)
         gain = hypervolume([*front, point(p)], box) - base
         if near and p not in plans and gain > 0:
-            gains.append((gain, p))
-    gains.sort(key=lambda x: -x[0])
-    assert got and [g.value for g in got] == pytest.approx([g for g, _ in gains[: len(got)]])
+            gains.append((gain, p, min(sum(p[u] != m[u] for u in UNITS) for m in inside)))
+    gains = one_unit_first(gains, 0.0)
+    assert got and [g.value for g in got] == pytest.approx([g for g, *_ in gains[: len(got)]])
     assert got[0].plan == gains[0][1]
     assert all(g.value > 0 for g in got)
 
@@ -190,7 +217,8 @@ def test_a_jump_is_predicted_from_the_measured_plan_sharing_most_units_and_ranke
     assert len(mine) == 1 and mine[0].anchor == near  # measured `near` itself is never proposed again
     assert mine[0].predicted_delta_nll == pytest.approx(pred(jump) + 0.01)  # alpha = 1 (two measured plans)
     assert mine[0].size_bytes == size(jump)
-    assert [g.value for g in got] == sorted((g.value for g in got), reverse=True)
+    key = [(g.units_moved == 1 and g.value > 0, g.value) for g in got]  # one-unit moves with a gain first
+    assert key == sorted(key, reverse=True) and mine[0].units_moved == 2
 
 
 @pytest.mark.parametrize("box", [[0.5], [0.0, 1.2], [1.5, 1.2], [0.5, 1.0]])

@@ -23,6 +23,15 @@ it alone finds nothing; refining blind costs an evaluation per move. This step d
     *every* member of the measured front inside ``search.front_box``, ranked by the hypervolume their predicted
     point would add to the measured front (:mod:`qsweep.search.front`): the step fills the front's widest gaps,
     where the additive model says a plan should exist, instead of polishing one point.
+
+  **One-unit moves first**: the one-unit moves ranked above a bar (the best measured fitness; for ``hypervolume``,
+  any gain) come first, then every move by its rank; so a turn proposes a two-unit move (or a jump) only when no
+  unmeasured one-unit move clears the bar. There are about as many pairs as
+  the square of the one-unit moves, so the best-ranked pair is the largest of thousands of optimistic predictions
+  and outranks every one-unit move, turn after turn, while measuring below them; the small moves that finish a
+  plan were never tried. (On the bundled model, tpe_warm at 60 evaluations: 99.52% -> 99.78% of the reference's
+  best validation fitness.) The candidates are the best *unmeasured* moves however deep in the ranking they sit,
+  so a long refine does not run out of proposals while a neighbourhood still has unmeasured plans.
 * **Learned** (``search.refine_learn``): before each turn the table's rows are moved to their posterior mean given
   every measured plan (:mod:`qsweep.search.posterior`), so a row the table got wrong is repriced once a move holding
   it is measured, instead of every pair holding it ranking first again.
@@ -82,6 +91,11 @@ class Proposal:
     predicted_fitness: float
     anchor: Plan
     value: float  # what it was ranked by: its predicted fitness, or its predicted hypervolume gain
+
+    @property
+    def units_moved(self) -> int:
+        """How many units the plan changes from its anchor (1 or 2 for a neighbour; any number for a jump)."""
+        return sum(f != self.anchor.formats.get(u) for u, f in self.plan.formats.items())
 
 
 @dataclass(frozen=True)
@@ -215,7 +229,9 @@ def propose(
             found.append(
                 Proposal(plan, d, int(s), float(fitness(np.array(float(s)), np.array(d))), anchor.plan, v)
             )
-    found.sort(key=lambda p: p.value, reverse=True)
+    # one-unit moves ranked above the bar first, then every move by value (module docstring)
+    bar = float(np.max(fitness(size, delta))) if criterion == "fitness" else 0.0
+    found.sort(key=lambda p: (p.units_moved == 1 and p.value > bar, p.value), reverse=True)
     return found[:n]
 
 
@@ -254,25 +270,45 @@ def _neighbours(inc: Measured, table, space, sizes, g: Calibration, value, fitne
     pair = value(inc.size_bytes + ds_a[:, None] + ds_a[None, :], anchored(dd_a[:, None] + dd_a[None, :] - s2))
     pair[np.tril_indices(len(units))] = -np.inf
     pair[unit_ids[:, None] == unit_ids[None, :]] = -np.inf
-    order = [((i,), single[i]) for i in np.argsort(-single)[: 4 * n + 8]]
-    flat = np.argsort(-pair, axis=None)[: 4 * n + 8]
-    order += [((int(k) // len(units), int(k) % len(units)), pair.flat[k]) for k in flat]
-    found = []
-    for moves, v in order:
-        if not math.isfinite(v):
-            continue
+
+    def proposal(moves: tuple[int, ...], v: float) -> Proposal | None:
         formats = dict(inc.plan.formats)
         for i in moves:
             formats[units[i]] = fmts[i]
         plan = Plan(formats)
         if plan.digest() in seen:
-            continue
+            return None
         seen.add(plan.digest())
         d = float(anchored(sum(dd[i] for i in moves)))
         s = int(inc.size_bytes + sum(ds[i] for i in moves))
-        found.append(
-            Proposal(plan, d, s, float(fitness(np.array(s, float), np.array(d))), inc.plan, float(v))
-        )
+        return Proposal(plan, d, s, float(fitness(np.array(s, float), np.array(d))), inc.plan, float(v))
+
+    found = _best_unseen(single, n, lambda k: proposal((k,), single[k]))
+    found += _best_unseen(pair, n, lambda k: proposal(divmod(k, len(units)), pair.flat[k]))
+    return found
+
+
+def _best_unseen(values: np.ndarray, n: int, make) -> list[Proposal]:
+    """The ``n`` best of ``values`` (flattened, finite only) that ``make(index)`` turns into a proposal (None: a plan
+    already measured or proposed), best first. Candidates are read in rounds of growing size, so that a long refine,
+    whose best moves around an incumbent are all measured, still reaches the unmeasured ones below them."""
+    flat = values.ravel()
+    finite = int(np.isfinite(flat).sum())
+    found: list[Proposal] = []
+    done, k = 0, 4 * n + 8
+    while len(found) < n and done < finite:
+        k = min(k, finite)
+        top = np.argpartition(-flat, k - 1)[:k] if k < flat.size else np.arange(flat.size)
+        top = top[np.argsort(-flat[top], kind="stable")]
+        for i in top[done:k]:
+            if not np.isfinite(flat[i]):
+                continue
+            p = make(int(i))
+            if p is not None:
+                found.append(p)
+                if len(found) == n:
+                    break
+        done, k = k, 4 * k
     return found
 
 
