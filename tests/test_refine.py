@@ -289,3 +289,48 @@ def test_the_old_name_of_the_seed_accounting_is_an_alias_with_a_deprecation_line
     assert not caplog.records
     with pytest.raises(ConfigError, match=re.escape("unknown search.size_metric 'modl'")):
         search_config({"name": "x", "sampler": "nsga2", "size_metric": "modl"})
+
+
+def test_the_best_unseen_candidates_are_found_through_ties_and_masked_entries():
+    import numpy as np
+
+    from qsweep.search.refine import _best_unseen
+
+    # ties at the partial sort's boundary once hid an unmeasured candidate (fitness ties: equal byte changes)
+    values = np.array([0, 0, 1, 0, 0, 2, 0, 1, 2, 1, 0, 2, 2, 1], float)
+    assert _best_unseen(values, 1, lambda i: i if i == 0 else None) == [0]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        values = rng.integers(0, 3, size=int(rng.integers(1, 60))).astype(float)
+        values[rng.random(len(values)) < 0.2] = -np.inf  # masked moves (same unit, no gain)
+        unseen = set(rng.choice(len(values), size=min(3, len(values)), replace=False).tolist())
+        got = _best_unseen(values, 2, lambda i, unseen=unseen: i if i in unseen else None)
+        want = sorted((i for i in unseen if np.isfinite(values[i])), key=lambda i: -values[i])[:2]
+        assert len(got) == len(set(got)) == len(want)
+        assert [values[i] for i in got] == [values[i] for i in want]  # best first
+
+
+def test_a_fitness_turn_takes_predicted_gains_then_hopeful_one_unit_moves_then_the_rest():
+    import random
+
+    # learned and optimistic: a move whose mean beats the best measured plan outranks a one-unit move that beats it
+    # only at its upper bound, which outranks every other move (the largest of many optimistic pairs included)
+    plans = [Plan(dict(zip(UNITS, fs, strict=True))) for fs in itertools.product(FORMATS, repeat=4)]
+    rng = random.Random(2)
+    measured = [Measured(p, pred(p) * rng.uniform(0.8, 1.5), size(p)) for p in rng.sample(plans, 10)]
+    got = propose(measured, table(), space(), {u: BYTES for u in UNITS}, baseline_bytes=800, penalty=10.0, n=500,
+                  optimism=2.0)  # fmt: skip
+    bar = max(fitness(m.plan, m.delta_nll) for m in measured)
+    tiers = [(g.predicted_fitness > bar, g.units_moved == 1 and g.value > bar) for g in got]
+    assert set(tiers) == {
+        (True, True),
+        (True, False),
+        (False, True),
+        (False, False),
+    }  # every tier is exercised
+    key = [(*t, g.value) for t, g in zip(tiers, got, strict=True)]
+    assert key == sorted(key, reverse=True)
+    hopeful = [g for g, t in zip(got, tiers, strict=True) if t == (False, True)]
+    assert any(
+        g.value < max(h.value for h in got if h.units_moved == 2) for g in hopeful
+    )  # ranked up, not by value
