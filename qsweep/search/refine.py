@@ -182,13 +182,13 @@ def propose(
         return _fitness(baseline_bytes, s, d, penalty)
 
     if criterion == "fitness":
-        incumbents = [
-            ok[i] for i in np.argsort(-_fitness(baseline_bytes, size, delta, penalty), kind="stable")
-        ]
-        incumbents = incumbents[:n_incumbents]
+        measured_fitness = fitness(size, delta)
+        incumbents = [ok[i] for i in np.argsort(-measured_fitness, kind="stable")][:n_incumbents]
         value = fitness
+        bar = float(np.max(measured_fitness))  # what a move must beat: the best measured plan
 
     else:
+        bar = 0.0  # what a move must add: any hypervolume
         points = np.stack([size / baseline_bytes, np.exp(delta)], axis=1)
         front = staircase(points, box)
         incumbents = [m for m, p in zip(ok, points, strict=True) if any((p == f).all() for f in front)]
@@ -232,13 +232,10 @@ def propose(
             found.append(
                 Proposal(plan, d, int(s), float(fitness(np.array(float(s)), np.array(d))), anchor.plan, v)
             )
-    # moves whose mean beats the best measured plan, then one-unit moves whose rank does, then by rank (docstring)
-    if criterion == "fitness":
-        bar = float(np.max(fitness(size, delta)))
-        found.sort(key=lambda p: (p.predicted_fitness > bar, p.units_moved == 1 and p.value > bar, p.value),
-                   reverse=True)  # fmt: skip
-    else:
-        found.sort(key=lambda p: (p.units_moved == 1 and p.value > 0, p.value), reverse=True)
+    # (fitness) moves whose mean beats the bar, then one-unit moves whose rank does, then by rank (docstring)
+    mean_tier = criterion == "fitness"
+    found.sort(key=lambda p: (mean_tier and p.predicted_fitness > bar, p.units_moved == 1 and p.value > bar, p.value),
+               reverse=True)  # fmt: skip
     return found[:n]
 
 
